@@ -1,0 +1,275 @@
+"""Input pipelines: tfds sources -> per-host, padded, prefetched numpy batches.
+
+    batches = make_dataset("cifar10_jpeg", "test", batch_size=256, image_size=32)
+    for b in batches:   # b["image"] [B, H, W, 3] float32, b["label"] [B] int32,
+        ...             # b["mask"] [B] bool (False on padding), b["index"] [B] int32 (-1 pad)
+
+Here B is this process's share of the global `batch_size` (ceil(batch_size / process_count)).
+
+Evaluation (`train=False`) reads the split once in a fixed order. Each process reads its own
+contiguous slice of the split (`jax.process_index()` of `jax.process_count()` slices, sizes
+differing by at most one); the last partial batch is padded with masked examples, and every
+process yields the same number of batches (`len(batches)`) so collectives line up. `index` is
+the example's position in the split, which lets results be compared across device counts.
+
+Training (`train=True`) shuffles with `shuffle_seed`, repeats forever, applies random
+augmentation with per-example stateless seeds (so a seed fixes the whole stream), and drops the
+last partial batch; `len(batches)` is then the number of batches in one epoch of this process.
+
+Only a bounded number of batches (the `prefetch` queue plus tf.data's in-flight map calls) is
+ever in host memory: images are decoded as they are read, never the whole split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tome_jax import sources
+
+# The pipeline only runs on the host; keep TF from reserving accelerator memory that JAX needs.
+tf.config.set_visible_devices([], "GPU")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) in 0..255 pixel units: x -> (x - mean) / std.
+NORMALIZATIONS = {
+    "augreg": ((127.5,) * 3, (127.5,) * 3),  # [-1, 1]: AugReg / big_vision
+    "imagenet": (tuple(255 * m for m in IMAGENET_MEAN),  # mean/std: MAE, DeiT, timm
+                 tuple(255 * s for s in IMAGENET_STD)),
+    "unit": ((0.0,) * 3, (255.0,) * 3),  # [0, 1]
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Per-dataset preprocessing defaults.
+
+    eval_crop: center crop fraction at eval (resize the short side to size / eval_crop, crop);
+      1.0 for the small datasets, whose images already are the object.
+    train_aug: "inception" (random resized crop + flip) or "pad_crop_flip" (CIFAR style).
+    """
+
+    eval_crop: float
+    train_aug: str
+
+
+RECIPES = {
+    "imagenet2012": Recipe(0.875, "inception"),
+    "imagenet_sample": Recipe(0.875, "inception"),
+    "image_folder": Recipe(1.0, "inception"),
+    "cifar10": Recipe(1.0, "pad_crop_flip"),
+    "cifar10_jpeg": Recipe(1.0, "pad_crop_flip"),
+    "fashion_mnist": Recipe(1.0, "pad_crop_flip"),
+    "fashion_mnist_local": Recipe(1.0, "pad_crop_flip"),
+}
+EVAL_SPLITS = {"imagenet2012": "validation", "imagenet_sample": "validation"}
+
+
+def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
+    """[..., 3] float pixels in 0..255 -> normalised float32."""
+    mean, std = NORMALIZATIONS[normalization]
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def decode(image_bytes: tf.Tensor) -> tf.Tensor:
+    """JPEG/PNG bytes -> [h, w, 3] uint8 (grayscale is repeated to RGB)."""
+    return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
+
+def _resize(image: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Tensor:
+    return tf.image.resize(image, size, method="bilinear", antialias=True)
+
+
+def eval_transform(image: tf.Tensor, image_size: int, crop: float) -> tf.Tensor:
+    """[h, w, 3] -> [S, S, 3] float32 0..255: short side to S / crop, then center crop S."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (image_size / crop) / tf.reduce_min(shape)
+    new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
+    image = _resize(image, new)
+    top, left = (new[0] - image_size) // 2, (new[1] - image_size) // 2
+    return image[top:top + image_size, left:left + image_size]
+
+
+def train_transform(image: tf.Tensor, image_size: int, aug: str, seed: tf.Tensor) -> tf.Tensor:
+    """[h, w, 3] -> [S, S, 3] float32 0..255, randomly cropped and flipped; seed [2] int."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    if aug == "inception":
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image), tf.zeros([1, 0, 4], tf.float32), seed=crop_seed,
+            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+            max_attempts=10, use_image_if_no_bounding_boxes=True)
+        image = _resize(tf.slice(image, begin, size), (image_size, image_size))
+    elif aug == "pad_crop_flip":
+        pad = max(image_size // 8, 1)  # 4 px at CIFAR's 32
+        image = _resize(image, (image_size, image_size))
+        image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), crop_seed)
+    else:
+        raise ValueError(f"unknown train augmentation {aug!r}")
+    return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def host_slice(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[start, stop) of this process's contiguous share of n examples (sizes differ by <= 1)."""
+    per, extra = divmod(n, process_count)
+    start = process_index * per + min(process_index, extra)
+    return start, start + per + (process_index < extra)
+
+
+def resolve_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[str, int, int]:
+    """"test[:40]", "train[10%:]" ... -> (split name, start, stop) in absolute examples."""
+    splits = builder.info.splits
+    try:
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+    except (ValueError, KeyError, AssertionError) as e:
+        raise ValueError(f"bad split {split!r} for {builder.name}; splits: "
+                         f"{list(splits.keys())} ({e})") from e
+    if len(instructions) != 1:
+        raise ValueError(f"split {split!r}: only one split (with an optional slice) is supported")
+    ins = instructions[0]
+    n = splits[ins.splitname].num_examples
+    start = 0 if ins.from_ is None else ins.from_
+    stop = n if ins.to is None else ins.to
+    return ins.splitname, start, stop
+
+
+def _read(builder: tfds.core.DatasetBuilder, name: str, start: int, stop: int,
+          shuffle_files: bool, seed: int) -> tf.data.Dataset:
+    """Examples [start, stop) of a split as {"image": encoded bytes, "label": int64}."""
+    decoders = {"image": tfds.decode.SkipDecoding()}  # decoded later, fused with the resize
+    read_config = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=False)
+    if isinstance(builder, tfds.ImageFolder):  # ImageFolder has no sub-split API
+        ds = builder.as_dataset(split=name, decoders=decoders, read_config=read_config)
+        return ds.skip(start).take(stop - start)
+    return builder.as_dataset(split=f"{name}[{start}:{stop}]", decoders=decoders,
+                              shuffle_files=shuffle_files, read_config=read_config)
+
+
+class Batches:
+    """An iterable of numpy batches (see the module doc) with the facts a consumer needs.
+
+    num_batches: batches per pass of this process (one epoch when training).
+    num_examples: examples of the whole split over all processes (padding excluded).
+    batch_size: this process's batch; global_batch_size: batch_size * process_count.
+    """
+
+    def __init__(self, ds: tf.data.Dataset, *, num_batches: int, num_examples: int,
+                 batch_size: int, process_count: int, num_classes: int | None, name: str,
+                 split: str, train: bool):
+        self.ds = ds
+        self.num_batches = num_batches
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.global_batch_size = batch_size * process_count
+        self.num_classes = num_classes
+        self.name, self.split, self.train = name, split, train
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(tfds.as_numpy(self.ds))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __repr__(self) -> str:
+        return (f"Batches({self.name!r}, {self.split!r}, examples={self.num_examples}, "
+                f"batches={self.num_batches}x{self.batch_size}, classes={self.num_classes})")
+
+
+def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
+                 normalization: str = "augreg", train: bool = False,
+                 data_dir: str | os.PathLike | None = None, shuffle_seed: int = 0,
+                 eval_crop: float | None = None, prefetch: int = 2,
+                 shuffle_buffer: int = 10_000, process_index: int | None = None,
+                 process_count: int | None = None) -> Batches:
+    """Batches of a named dataset (`tome_jax.sources.NAMES`) for this process; see module doc.
+
+    batch_size: global batch over all processes. split: a tfds split spec ("test",
+      "test[:40]", "train[:90%]"); "validation" of ImageNet is its eval split.
+    data_dir: where the source lives (see `tome_jax.sources`); None: its default.
+    eval_crop: overrides the dataset's center crop fraction (`RECIPES`).
+    process_index / process_count: default to JAX's (set them to test sharding).
+    """
+    if name not in sources.NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known: {sources.NAMES}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; known: "
+                         f"{tuple(NORMALIZATIONS)}")
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, "
+                         f"{image_size}")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    recipe = RECIPES[name]
+    crop = recipe.eval_crop if eval_crop is None else eval_crop
+
+    builder = sources.get_builder(name, data_dir)
+    split_name, start, stop = resolve_split(builder, split)
+    num_examples = stop - start
+    if num_examples <= 0:
+        raise ValueError(f"split {split!r} of {name} is empty")
+    lo, hi = host_slice(num_examples, process_index, process_count)
+    host_n = hi - lo
+    local_batch = math.ceil(batch_size / process_count)
+    label_feature = builder.info.features["label"]
+    num_classes = getattr(label_feature, "num_classes", None)
+
+    seed = shuffle_seed * 1_000_003 + process_index  # distinct streams per process
+    ds = _read(builder, split_name, start + lo, start + hi, shuffle_files=train, seed=seed)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options)
+
+    if train:
+        if host_n < local_batch:
+            raise ValueError(f"{split!r} gives this process {host_n} examples, fewer than one "
+                             f"batch of {local_batch}")
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+
+        def train_map(i, ex):
+            image = train_transform(decode(ex["image"]), image_size, recipe.train_aug,
+                                    tf.stack([tf.constant(seed, tf.int64), i]))
+            return {"image": normalize(image, normalization),
+                    "label": tf.cast(ex["label"], tf.int32),
+                    "mask": tf.constant(True), "index": tf.constant(-1, tf.int32)}
+
+        ds = ds.enumerate().map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(local_batch, drop_remainder=True)
+        num_batches = host_n // local_batch
+    else:
+        # Every process runs the same number of steps, sized by the largest share.
+        num_batches = math.ceil(math.ceil(num_examples / process_count) / local_batch)
+
+        def eval_map(i, ex):
+            image = eval_transform(decode(ex["image"]), image_size, crop)
+            return {"image": normalize(image, normalization),
+                    "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True),
+                    "index": tf.cast(i + start + lo, tf.int32)}
+
+        ds = ds.enumerate().map(eval_map, num_parallel_calls=tf.data.AUTOTUNE)
+        pad = {"image": tf.zeros((image_size, image_size, 3), tf.float32),
+               "label": tf.constant(0, tf.int32), "mask": tf.constant(False),
+               "index": tf.constant(-1, tf.int32)}
+        num_pad = num_batches * local_batch - host_n
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_pad))
+        ds = ds.batch(local_batch, drop_remainder=True)
+    if prefetch:
+        ds = ds.prefetch(prefetch)
+    return Batches(ds, num_batches=num_batches, num_examples=num_examples,
+                   batch_size=local_batch, process_count=process_count,
+                   num_classes=num_classes, name=name, split=split, train=train)
+
+
+def class_names(name: str, data_dir: str | os.PathLike | None = None) -> list[str] | None:
+    """The label names of a source (None when the source has none, e.g. ImageNet sample)."""
+    feature: Any = sources.get_builder(name, data_dir).info.features["label"]
+    names = list(feature.names)
+    return None if names == [str(i) for i in range(len(names))] else names
