@@ -634,7 +634,7 @@ def fit_params(flat: Flat, config: Config, *, image_size: int | tuple[int, int] 
         expected = model_shapes(config, image_hw)
     except ValueError as e:
         raise CheckpointError(f"invalid model config {config}: {e}") from e
-    for key, shape in expected.items():
+    for key, shape in sorted(expected.items(), key=lambda kv: _model_order(kv[0])):
         if key not in flat:
             if key.split("/")[0] in ("head", "head_dist"):
                 flat[key] = np.zeros(shape, np.float32)
@@ -648,6 +648,19 @@ def fit_params(flat: Flat, config: Config, *, image_size: int | tuple[int, int] 
     if extra:
         raise CheckpointError(f"checkpoint has keys the model lacks: {extra[:5]}")
     return flat, config, image_hw
+
+
+_TOP_ORDER = ("embedding", "cls", "dist", "registers", "pos_embedding", "Transformer",
+              "fc_norm", "pre_logits", "head", "head_dist")
+
+
+def _model_order(key: str) -> tuple:
+    """Sort key following the forward pass (embedding first, blocks by number), so the
+    "first mismatch" reported is the earliest in the network, not the alphabetically first."""
+    top, *rest = key.split("/")
+    block = re.match(r"encoderblock_(\d+)", rest[0]) if rest else None
+    return (_TOP_ORDER.index(top) if top in _TOP_ORDER else len(_TOP_ORDER),
+            int(block.group(1)) if block else 1 << 30, key)
 
 
 def _check_variant_heads(flat: Flat, variant: str) -> None:

@@ -14,11 +14,43 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 from tome_jax.variants import ViTSize, decode_variant
 
-Schedule = Union[int, Sequence[int], tuple[int, float]]
+
+class Ramp(NamedTuple):
+    """The `(r, inflect)` schedule, named so it stays apart from a per-layer tuple."""
+
+    r: int
+    inflect: float
+
+
+class PerLayer(NamedTuple):
+    """A per-layer schedule, named so a two-layer one is not read as `(r, inflect)`."""
+
+    rs: tuple[int, ...]
+
+
+Schedule = Union[int, list, tuple, Ramp, PerLayer]
+
+
+def canonical(r: Schedule) -> int | Ramp | PerLayer:
+    """A hashable, unambiguous form: list -> PerLayer, plain 2-tuple -> Ramp.
+
+    Flax turns list fields into tuples, which would make [r0, r1] look like (r, inflect);
+    models store their schedule in this form instead.
+    """
+    if isinstance(r, (Ramp, PerLayer)):
+        return r
+    if isinstance(r, list):
+        return PerLayer(tuple(r))
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"an r schedule tuple must be (r, inflect), got {r!r}; "
+                             "use a list for per-layer values")
+        return Ramp(*r)
+    return r
 
 
 def _check_int(value, what: str) -> int:
@@ -36,16 +68,16 @@ def parse_r(r: Schedule, depth: int) -> list[int]:
     parse_r((16, -1), 12) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0].
     """
     depth = _check_int(depth, "depth")
+    r = canonical(r)
+    if isinstance(r, PerLayer):
+        r = list(r.rs)
     if isinstance(r, list):
         if len(r) > depth:
             raise ValueError(f"per-layer r schedule has {len(r)} entries but the model has "
                              f"only {depth} blocks")
         return [_check_int(v, f"r[{i}]") for i, v in enumerate(r)] + [0] * (depth - len(r))
     inflect = 0.0
-    if isinstance(r, tuple):
-        if len(r) != 2:
-            raise ValueError(f"an r schedule tuple must be (r, inflect), got {r!r}; "
-                             "use a list for per-layer values")
+    if isinstance(r, Ramp):
         r, inflect = r
         if not -1.0 <= float(inflect) <= 1.0:
             raise ValueError(f"inflect must lie in [-1, 1], got {inflect}")
@@ -83,7 +115,7 @@ def token_schedule(r: Schedule, depth: int, num_tokens: int, protected: int = 1,
     """
     requested = parse_r(r, depth)
     if strict is None:
-        strict = isinstance(r, list)
+        strict = isinstance(canonical(r), PerLayer)
     rs, tokens = [], [num_tokens]
     for layer, want in enumerate(requested):
         limit = max_r(tokens[-1], protected)

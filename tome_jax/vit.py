@@ -251,6 +251,10 @@ class ViT(nn.Module):
     drop_path: float = 0.0
     merge_method: str = "segment"
 
+    def __post_init__(self):
+        self.r = sched.canonical(self.r)
+        super().__post_init__()
+
     @property
     def size(self) -> ViTSize:
         """The variant's sizes with this model's overrides applied."""

@@ -1,0 +1,205 @@
+"""The linen ViT: parity with timm, ToMe invariants inside the model, bad input."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tome_jax import schedule
+from tome_jax.vit import Encoder1DBlock, ViT
+
+SMALL = dict(variant="S/8", depth=4, width=64, num_heads=4, mlp_dim=128, num_classes=10)
+
+
+def init(model, shape=(2, 32, 32, 3), seed=0):
+    images = jax.random.normal(jax.random.key(seed + 1), shape)
+    variables = model.init(jax.random.key(seed), images)
+    # Random (not zero) head and class token so logits depend on everything.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.02 * jax.random.normal(jax.random.key(len(str(path))), v.shape),
+        variables["params"])
+    return params, images
+
+
+def test_param_names_follow_big_vision():
+    params, _ = init(ViT(**SMALL))
+    assert set(params) == {"embedding", "cls", "pos_embedding", "Transformer", "head"}
+    block = params["Transformer"]["encoderblock_0"]
+    assert set(block) == {"LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1",
+                          "MlpBlock_0"}
+    assert set(block["MultiHeadDotProductAttention_0"]) == {"query", "key", "value", "out"}
+    assert block["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape == (64, 4, 16)
+    assert set(params["Transformer"]) == {f"encoderblock_{i}" for i in range(4)} | {
+        "encoder_norm"}
+    assert params["pos_embedding"].shape == (1, 16, 64)
+
+
+def test_parameter_count_vit_b16():
+    model = ViT(variant="B/16", num_classes=1000)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    count = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(shapes))
+    # timm counts 86,567,656; our class token carries its position embedding (768 fewer).
+    assert count == 86_567_656 - 768
+
+
+def test_r0_is_the_plain_model_bit_for_bit():
+    params, images = init(ViT(**SMALL))
+    base, _ = ViT(**SMALL, r=0, prop_attn=False).apply({"params": params}, images)
+    for kwargs in [dict(r=0), dict(r=[0, 0]), dict(r=(0, -1)), dict(r=0, trace_source=True)]:
+        logits, _ = ViT(**SMALL, **kwargs).apply({"params": params}, images)
+        np.testing.assert_array_equal(np.asarray(logits), np.asarray(base))
+
+
+@pytest.mark.parametrize("r", [3, [6, 0, 2], (3, -1)])
+def test_token_counts_sizes_and_sources(r):
+    model = ViT(**SMALL, r=r, trace_source=True)
+    params, images = init(model)
+    rs, tokens = model.token_schedule(32)
+    _, state = model.apply({"params": params}, images,
+                           capture_intermediates=lambda m, _: isinstance(m, Encoder1DBlock))
+    blocks = state["intermediates"]["Transformer"]
+    for i in range(4):
+        x, size, source = blocks[f"encoderblock_{i}"]["__call__"][0]
+        assert x.shape[1] == tokens[i + 1] == tokens[i] - rs[i]
+    logits, out = model.apply({"params": params}, images)
+    assert out["encoded"].shape == (2, tokens[-1], 64)
+    np.testing.assert_array_equal(np.asarray(out["size"].sum(axis=(1, 2))), 17.0)
+    source = np.asarray(out["source"])
+    np.testing.assert_array_equal(source.sum(axis=1), 1.0)  # a partition of the inputs
+    np.testing.assert_array_equal(source.sum(axis=2), np.asarray(out["size"][..., 0]))
+    assert source[:, 0, 0].all() and (source[:, 0].sum(-1) == 1).all()  # class token alone
+
+
+def test_merged_forward_matches_timm_blocks_with_numpy_merge():
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    from tests.timm_reference import timm_forward_with_tome, timm_to_params
+
+    torch.manual_seed(0)
+    ref_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
+                                  img_size=96).eval()
+    params = timm_to_params(ref_model)
+    images = np.random.default_rng(0).standard_normal((2, 96, 96, 3)).astype(np.float32)
+    for r in [0, 4, (8, -1)]:
+        model = ViT(variant="Ti/16", num_classes=10, r=r)
+        ours, _ = model.apply({"params": params}, images)
+        rs, _ = model.token_schedule(96)
+        want = timm_forward_with_tome(ref_model, images, rs)
+        assert np.abs(want).max() > 1e-2  # a meaningful comparison, not zeros against zeros
+        np.testing.assert_allclose(np.asarray(ours), want, atol=1e-4, rtol=0)
+
+
+def test_r0_matches_timm_vit_base_patch16_224():
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    from tests.timm_reference import timm_to_params
+
+    torch.manual_seed(0)
+    ref_model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    torch.nn.init.normal_(ref_model.head.weight, std=0.02)
+    images = np.random.default_rng(1).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = ref_model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    ours, _ = jax.jit(ViT(variant="B/16").apply)({"params": timm_to_params(ref_model)}, images)
+    assert np.abs(want).std() > 1e-2
+    assert np.abs(np.asarray(ours) - want).max() <= 1e-4
+
+
+def test_no_retrace_and_finite_gradients():
+    model = ViT(**SMALL, r=3)
+    params, images = init(model)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def loss(params, images):
+        logits, _ = model.apply({"params": params}, images)
+        return (jax.nn.log_softmax(logits)[:, 0]).mean()
+
+    for seed in range(3):
+        loss(params, jax.random.normal(jax.random.key(seed), images.shape))
+    grads = jax.grad(loss)(params, images)
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert np.abs(np.asarray(grads["embedding"]["kernel"])).sum() > 0
+
+
+def test_bfloat16_compute_float32_params():
+    model = ViT(**SMALL, r=3, dtype=jnp.bfloat16)
+    params, images = init(model)
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(params))
+    logits16, out = model.apply({"params": params}, images)
+    logits32, _ = ViT(**SMALL, r=3).apply({"params": params}, images)
+    assert out["encoded"].dtype == jnp.bfloat16 and logits16.dtype == jnp.float32
+    assert np.abs(np.asarray(logits16) - np.asarray(logits32)).max() < 0.1
+
+
+@pytest.mark.parametrize("pool", ["gap", "mae"])
+def test_pooled_variants_weight_by_size(pool):
+    model = ViT(**SMALL, r=4, pool=pool)
+    params, images = init(model)
+    _, out = model.apply({"params": params}, images)
+    assert ("fc_norm" in params) == (pool == "mae")
+    assert ("encoder_norm" in params["Transformer"]) == (pool != "mae")
+    x, size = np.asarray(out["encoded"][:, 1:]), np.asarray(out["size"][:, 1:])
+    pooled = (x * size).sum(1) / size.sum(1)
+    if pool == "mae":
+        mean, var = pooled.mean(-1, keepdims=True), pooled.var(-1, keepdims=True)
+        p = params["fc_norm"]
+        pooled = (pooled - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+    np.testing.assert_allclose(np.asarray(out["pre_logits"]), pooled, atol=1e-5)
+
+
+def test_registers_and_distill_token_are_never_merged():
+    model = ViT(**SMALL, r=4, num_registers=2, trace_source=True)
+    params, images = init(model)
+    _, out = model.apply({"params": params}, images)
+    src = np.asarray(out["source"])
+    for t in range(3):  # cls and both registers stay alone and in place
+        assert (src[:, t, t] == 1).all() and (src[:, t].sum(-1) == 1).all()
+    model = ViT(**SMALL, r=4, distill_token=True, trace_source=True)
+    params, images = init(model)
+    logits, out = model.apply({"params": params}, images)
+    assert (np.asarray(out["source"])[:, 1, 1] == 1).all()
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(
+        out["logits_cls"] + out["logits_dist"]) / 2, atol=1e-6)
+
+
+def test_flops_method_matches_schedule():
+    model = ViT(variant="B/16", r=16)
+    assert model.flops(224) == schedule.flops("B/16", 224, 16)
+    assert model.token_schedule(224)[1][-1] == 11
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((2, 30, 32, 3), "height 30 is not divisible by the patch size 8"),
+    ((2, 32, 32, 1), "1 channels"),
+    ((32, 32, 3), r"\[batch, height, width, channels\]"),
+])
+def test_bad_input_shapes(shape, match):
+    model = ViT(**SMALL)
+    with pytest.raises(ValueError, match=match):
+        model.init(jax.random.key(0), jnp.zeros(shape))
+
+
+def test_bad_config():
+    images = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="13 entries"):
+        ViT(**SMALL, r=[1] * 13).init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="cannot be met in block 0"):
+        ViT(**SMALL, r=[9]).init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="unknown pool"):
+        ViT(**SMALL, pool="max").init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="unknown ViT variant"):
+        ViT(variant="Q/16").init(jax.random.key(0), images)
+
+
+def test_module_is_usable_under_nn_jit_free_apply():
+    # apply through jax.jit on a closure: the documented way to jit a model with a list r.
+    model = ViT(**SMALL, r=[2, 2])
+    params, images = init(model)
+    eager, _ = model.apply({"params": params}, images)
+    jitted, _ = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-5)
+    assert isinstance(model, nn.Module)

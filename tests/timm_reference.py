@@ -1,0 +1,76 @@
+"""Test helpers: copy a timm ViT's weights into our parameter tree, and run timm's blocks with
+ToMe inserted through the NumPy re-derivation (an independent reference of the merged model)."""
+
+import numpy as np
+import torch
+
+from tests import numpy_tome as ref
+
+
+def _np(t):
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+def timm_to_params(model) -> dict:
+    """A small mapping of timm's VisionTransformer (class token, no distill) onto our names."""
+    sd = {k: _np(v) for k, v in model.state_dict().items()}
+    width = sd["cls_token"].shape[-1]
+    heads = model.blocks[0].attn.num_heads
+    params = {
+        "embedding": {"kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+                      "bias": sd["patch_embed.proj.bias"]},
+        "cls": sd["cls_token"] + sd["pos_embed"][:, :1],
+        "pos_embedding": sd["pos_embed"][:, 1:],
+        "head": {"kernel": sd["head.weight"].T, "bias": sd["head.bias"]},
+    }
+    transformer = {"encoder_norm": {"scale": sd["norm.weight"], "bias": sd["norm.bias"]}}
+    for i in range(len(model.blocks)):
+        p = f"blocks.{i}."
+        qkv_w, qkv_b = sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]
+        attn = {}
+        for j, name in enumerate(["query", "key", "value"]):
+            w = qkv_w[j * width:(j + 1) * width]
+            attn[name] = {"kernel": w.T.reshape(width, heads, -1),
+                          "bias": qkv_b[j * width:(j + 1) * width].reshape(heads, -1)}
+        attn["out"] = {"kernel": sd[p + "attn.proj.weight"].T.reshape(heads, -1, width),
+                       "bias": sd[p + "attn.proj.bias"]}
+        transformer[f"encoderblock_{i}"] = {
+            "LayerNorm_0": {"scale": sd[p + "norm1.weight"], "bias": sd[p + "norm1.bias"]},
+            "MultiHeadDotProductAttention_0": attn,
+            "LayerNorm_1": {"scale": sd[p + "norm2.weight"], "bias": sd[p + "norm2.bias"]},
+            "MlpBlock_0": {
+                "Dense_0": {"kernel": sd[p + "mlp.fc1.weight"].T, "bias": sd[p + "mlp.fc1.bias"]},
+                "Dense_1": {"kernel": sd[p + "mlp.fc2.weight"].T, "bias": sd[p + "mlp.fc2.bias"]},
+            },
+        }
+    params["Transformer"] = transformer
+    return params
+
+
+@torch.no_grad()
+def timm_forward_with_tome(model, images_nhwc: np.ndarray, rs: list[int]) -> np.ndarray:
+    """timm's own layers, with proportional attention and the NumPy ToMe merge per block."""
+    x = model.patch_embed(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2))
+    x = model._pos_embed(x)
+    size = torch.ones(x.shape[:2] + (1,))
+    for blk, r in zip(model.blocks, rs):
+        attn = blk.attn
+        y = blk.norm1(x)
+        b, t, c = y.shape
+        qkv = attn.qkv(y).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = (q @ k.transpose(-2, -1)) * attn.scale + size.log()[:, None, None, :, 0]
+        y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)
+        x = x + attn.proj(y)
+        if r:
+            metric = k.mean(1).numpy()
+            xs, sizes = [], []
+            for i in range(b):
+                kept, src, dst = ref.match(metric[i], r)
+                xi, si = ref.merge_wavg(x[i].numpy(), size[i].numpy(), kept, src, dst)
+                xs.append(xi)
+                sizes.append(si)
+            x, size = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(sizes))
+        x = x + blk.mlp(blk.norm2(x))
+    x = model.norm(x)
+    return model.head(x[:, 0]).numpy()
