@@ -20,7 +20,6 @@ import pytest
 import torch
 
 timm = pytest.importorskip("timm", reason="timm is the parity oracle (pip install timm)")
-from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from tome_jax import convert as C  # noqa: E402

@@ -660,7 +660,7 @@ def _model_order(key: str) -> tuple:
     top, *rest = key.split("/")
     block = re.match(r"encoderblock_(\d+)", rest[0]) if rest else None
     return (_TOP_ORDER.index(top) if top in _TOP_ORDER else len(_TOP_ORDER),
-            int(block.group(1)) if block else 1 << 30, key)
+            int(block.group(1)) if block else 1 << 30, key.endswith("bias"), key)
 
 
 def _check_variant_heads(flat: Flat, variant: str) -> None:
