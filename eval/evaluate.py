@@ -152,19 +152,21 @@ def parse_r(text: str):
 
 
 def random_params(model: ViT, image_size: int, seed: int = 0) -> Params:
-    """Init params plus N(0, 0.02) noise: the zero-initialised head would give equal logits.
+    """Random weights for smoke tests and benchmarks: N(0, 0.02), LayerNorm scales 1 + N(0, 0.02).
 
-    Drawn on the host CPU, so every process and device count gets the same values.
+    Drawn with numpy from the shapes alone: nothing is compiled (a jitted or op-by-op
+    `model.init` costs seconds to tens of seconds on CPU), and every process and device count
+    gets the same values.
     """
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        key, noise_key = jax.random.split(jax.random.key(seed))
-        x = jnp.zeros((1, image_size, image_size, model.channels), jnp.float32)
-        params = model.init(key, x)["params"]
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(noise_key, len(leaves))
-        leaves = [p + 0.02 * jax.random.normal(k, p.shape, p.dtype)
-                  for p, k in zip(leaves, keys, strict=True)]
-        return jax.device_get(jax.tree.unflatten(tree, leaves))
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, model.channels), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        value = rng.normal(0.0, 0.02, leaf.shape).astype(leaf.dtype)
+        return value + 1 if getattr(path[-1], "key", None) == "scale" else value
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def load_orbax_params(path: str, model: ViT) -> Params:
