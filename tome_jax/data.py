@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -94,7 +94,9 @@ def eval_transform(image: tf.Tensor, image_size: int, crop: float) -> tf.Tensor:
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = (image_size / crop) / tf.reduce_min(shape)
     new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), image_size)
-    image = _resize(image, new)
+    # Already the right size (CIFAR at 32, Fashion-MNIST at 28): skip the costly resample.
+    image = tf.cond(tf.reduce_all(new == tf.shape(image)[:2]),
+                    lambda: tf.cast(image, tf.float32), lambda: _resize(image, new))
     top, left = (new[0] - image_size) // 2, (new[1] - image_size) // 2
     return image[top:top + image_size, left:left + image_size]
 
@@ -157,15 +159,16 @@ def _read(builder: tfds.core.DatasetBuilder, name: str, start: int, stop: int,
 class Batches:
     """An iterable of numpy batches (see the module doc) with the facts a consumer needs.
 
+    Each `iter()` starts the same stream again. build: makes the tf.data pipeline.
     num_batches: batches per pass of this process (one epoch when training).
     num_examples: examples of the whole split over all processes (padding excluded).
     batch_size: this process's batch; global_batch_size: batch_size * process_count.
     """
 
-    def __init__(self, ds: tf.data.Dataset, *, num_batches: int, num_examples: int,
+    def __init__(self, build: Callable[[], tf.data.Dataset], *, num_batches: int, num_examples: int,
                  batch_size: int, process_count: int, num_classes: int | None, name: str,
                  split: str, train: bool):
-        self.ds = ds
+        self.build = build
         self.num_batches = num_batches
         self.num_examples = num_examples
         self.batch_size = batch_size
@@ -174,7 +177,9 @@ class Batches:
         self.name, self.split, self.train = name, split, train
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(tfds.as_numpy(self.ds))
+        # A fresh pipeline per pass: a reused tf.data shuffle would continue its seed stream,
+        # so a second pass would differ from the first.
+        return iter(tfds.as_numpy(self.build()))
 
     def __len__(self) -> int:
         return self.num_batches
@@ -223,47 +228,52 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
     num_classes = getattr(label_feature, "num_classes", None)
 
     seed = shuffle_seed * 1_000_003 + process_index  # distinct streams per process
-    ds = _read(builder, split_name, start + lo, start + hi, shuffle_files=train, seed=seed)
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.with_options(options)
-
     if train:
         if host_n < local_batch:
             raise ValueError(f"{split!r} gives this process {host_n} examples, fewer than one "
                              f"batch of {local_batch}")
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-
-        def train_map(i, ex):
-            image = train_transform(decode(ex["image"]), image_size, recipe.train_aug,
-                                    tf.stack([tf.constant(seed, tf.int64), i]))
-            return {"image": normalize(image, normalization),
-                    "label": tf.cast(ex["label"], tf.int32),
-                    "mask": tf.constant(True), "index": tf.constant(-1, tf.int32)}
-
-        ds = ds.enumerate().map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(local_batch, drop_remainder=True)
         num_batches = host_n // local_batch
     else:
         # Every process runs the same number of steps, sized by the largest share.
         num_batches = math.ceil(math.ceil(num_examples / process_count) / local_batch)
 
-        def eval_map(i, ex):
-            image = eval_transform(decode(ex["image"]), image_size, crop)
-            return {"image": normalize(image, normalization),
-                    "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True),
-                    "index": tf.cast(i + start + lo, tf.int32)}
+    def build() -> tf.data.Dataset:
+        ds = _read(builder, split_name, start + lo, start + hi, shuffle_files=train, seed=seed)
+        options = tf.data.Options()
+        options.deterministic = True
+        ds = ds.with_options(options)
 
-        ds = ds.enumerate().map(eval_map, num_parallel_calls=tf.data.AUTOTUNE)
-        pad = {"image": tf.zeros((image_size, image_size, 3), tf.float32),
-               "label": tf.constant(0, tf.int32), "mask": tf.constant(False),
-               "index": tf.constant(-1, tf.int32)}
-        num_pad = num_batches * local_batch - host_n
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_pad))
-        ds = ds.batch(local_batch, drop_remainder=True)
-    if prefetch:
-        ds = ds.prefetch(prefetch)
-    return Batches(ds, num_batches=num_batches, num_examples=num_examples,
+        if train:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+
+            def train_map(i, ex):
+                image = train_transform(decode(ex["image"]), image_size, recipe.train_aug,
+                                        tf.stack([tf.constant(seed, tf.int64), i]))
+                return {"image": normalize(image, normalization),
+                        "label": tf.cast(ex["label"], tf.int32),
+                        "mask": tf.constant(True), "index": tf.constant(-1, tf.int32)}
+
+            ds = ds.enumerate().map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.batch(local_batch, drop_remainder=True)
+        else:
+            def eval_map(i, ex):
+                image = eval_transform(decode(ex["image"]), image_size, crop)
+                return {"image": normalize(image, normalization),
+                        "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True),
+                        "index": tf.cast(i + start + lo, tf.int32)}
+
+            ds = ds.enumerate().map(eval_map, num_parallel_calls=tf.data.AUTOTUNE)
+            pad = {"image": tf.zeros((image_size, image_size, 3), tf.float32),
+                   "label": tf.constant(0, tf.int32), "mask": tf.constant(False),
+                   "index": tf.constant(-1, tf.int32)}
+            num_pad = num_batches * local_batch - host_n
+            ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_pad))
+            ds = ds.batch(local_batch, drop_remainder=True)
+        if prefetch:
+            ds = ds.prefetch(prefetch)
+        return ds
+
+    return Batches(build, num_batches=num_batches, num_examples=num_examples,
                    batch_size=local_batch, process_count=process_count,
                    num_classes=num_classes, name=name, split=split, train=train)
 

@@ -223,3 +223,28 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None
     builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
     builder.download_and_prepare()
     return builder
+
+
+def write_image_folder(root: str | os.PathLike, counts: dict[str, int],
+                       classes: tuple[str, ...] = ("a", "b", "c"), seed: int = 0,
+                       sizes: tuple[tuple[int, int], ...] = ((20, 24), (32, 32), (40, 28))
+                       ) -> Path:
+    """Writes a small synthetic `<split>/<class>/<n>.jpg` folder (tests, examples); returns it.
+
+    Example i of a split goes to class i % len(classes), with size sizes[i % len(sizes)]
+    (h, w), random pixels from `seed`.
+    """
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = sizes[i % len(sizes)]
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            path = root / split / classes[i % len(classes)] / f"{i:05d}.jpg"
+            Image.fromarray(pixels).save(path, quality=90)
+    return root
