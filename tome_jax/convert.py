@@ -236,8 +236,9 @@ def _split_qkv_heads(flat: Flat, num_heads: int) -> None:
         if "/MultiHeadDotProductAttention_0/" not in key:
             continue
         v = flat[key]
-        if v.shape[-1 if v.ndim == 1 or not key.endswith("out/kernel") else 0] % num_heads:
-            continue  # leave it unsplit: the shape check names it
+        split_dim = v.shape[0] if key.endswith("out/kernel") else v.shape[-1]
+        if split_dim % num_heads:
+            continue  # leave it unsplit: the shape check then names it
         if key.endswith(("query/kernel", "key/kernel", "value/kernel")) and v.ndim == 2:
             flat[key] = v.reshape(v.shape[0], num_heads, -1)
         elif key.endswith(("query/bias", "key/bias", "value/bias")) and v.ndim == 1:
@@ -318,14 +319,10 @@ def from_timm_state_dict(sd: Mapping[str, Any], *, num_heads: int | None = None,
     if pool is None:
         pool = "mae" if "fc_norm/scale" in flat else ("tok" if "cls" in flat else "gap")
     cfg = _base_config(flat, num_heads, pool)
-    _split_qkv_heads(flat, cfg.get("num_heads", _heads_of(cfg)))
-    return flat, cfg
-
-
-def _heads_of(cfg: Config) -> int:
     from tome_jax.variants import decode_variant
 
-    return decode_variant(cfg["variant"]).num_heads
+    _split_qkv_heads(flat, cfg.get("num_heads", decode_variant(cfg["variant"]).num_heads))
+    return flat, cfg
 
 
 _HF_BLOCK = {
@@ -727,12 +724,16 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any):
 def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
             variant: str | None = None, num_classes: int | None = None,
             image_size: int | tuple[int, int] | None = None, num_heads: int | None = None,
-            pool: str | None = None, resample: str = "bicubic"
+            pool: str | None = None, resample: str = "auto"
             ) -> tuple[dict[str, Any], Config, tuple[int, int]]:
     """Reads src, fits it (see `fit_params`), writes dst when given.
 
+    resample "auto": "linear" for .npz (as vit_jax / big_vision resample), "bicubic" for
+    PyTorch / ONNX sources (as MAE, DINOv2 and Hugging Face do).
     Returns (params nested dict of numpy arrays, ViT config, image (H, W)).
     """
+    if resample == "auto":
+        resample = "linear" if detect_format(src) == "npz" else "bicubic"
     flat, config = read_checkpoint(src, num_heads=num_heads, pool=pool)
     flat, config, image_hw = fit_params(flat, config, image_size=image_size, variant=variant,
                                         num_classes=num_classes, resample=resample)
@@ -753,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, help="resample position embeddings to this")
     p.add_argument("--num-heads", type=int, help="heads, if not the variant's")
     p.add_argument("--pool", choices=("tok", "gap", "mae"))
-    p.add_argument("--resample", choices=RESAMPLE_METHODS, default="bicubic")
+    p.add_argument("--resample", choices=("auto", *RESAMPLE_METHODS), default="auto",
+                   help="position-embedding resampling (auto: linear for .npz, else bicubic)")
     a = p.parse_args(argv)
     try:
         _, config, image_hw = convert(a.src, a.dst, variant=a.variant,
