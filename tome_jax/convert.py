@@ -691,7 +691,10 @@ def save_converted(dst: str | os.PathLike, flat: Flat, config: Config,
         raise FileExistsError(f"{dst} exists; refusing to overwrite")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like mkdir's
         tree = unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
         (tmp / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(tree))
         meta = {"model": config, "image_size": list(image_size), "source": source,
