@@ -93,8 +93,8 @@ def evaluate(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]
       `tome_jax.data.make_dataset` does). `num_classes` defaults to `batches.num_classes`.
     mesh: default `sharding.batch_mesh()` (all devices of all processes).
     Returns {"top1", "top5" (fractions), "count", "correct1", "correct5", "num_batches",
-      "seconds", "images_per_s"} and, with return_logits, "logits" [count, C] float32 and
-      "index" [count] sorted by index (or in arrival order without "index").
+      "seconds", "images_per_s", "warm_images_per_s"} and, with return_logits, "logits"
+      [count, C] float32 and "index" [count] sorted by index (arrival order without "index").
     """
     mesh = mesh or sharding.batch_mesh()
     if num_classes is None:
@@ -118,7 +118,11 @@ def evaluate(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]
                              f"model's {model.num_classes} classes")
         sums, rows = step(params, sharding.global_batch(sharding.pad_batch(batch, multiple),
                                                         mesh))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if totals is None:  # the first step compiles; time the rest separately
+            totals = jax.block_until_ready(sums)
+            warm_start, warm_count = time.perf_counter(), int(sharding.to_host(sums["count"]))
+        else:
+            totals = jax.tree.map(jnp.add, totals, sums)
         if return_logits:
             kept.append({k: sharding.to_host(v) for k, v in rows.items()})
         num_batches += 1
@@ -130,7 +134,10 @@ def evaluate(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]
     result = {"top1": totals["correct1"] / max(count, 1),
               "top5": totals["correct5"] / max(count, 1), **totals,
               "num_batches": num_batches, "seconds": seconds,
-              "images_per_s": count / seconds}
+              "images_per_s": count / seconds,
+              # Throughput without the first (compiling) step; nan with a single batch.
+              "warm_images_per_s": (count - warm_count) / (time.perf_counter() - warm_start)
+              if num_batches > 1 else float("nan")}
     if return_logits:
         rows = {k: np.concatenate([r[k] for r in kept]) for k in kept[0]}
         logits, index = rows["logits"][rows["mask"]], rows["index"][rows["mask"]]

@@ -154,6 +154,15 @@ def test_bad_input(folder, tmp_path, monkeypatch):
                           data_dir=folder)
 
 
+def test_network_source_offline_fails_fast(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network (simulated)")
+
+    monkeypatch.setattr(sources.socket, "getaddrinfo", offline)
+    with pytest.raises(ConnectionError, match="use 'cifar10_jpeg'"):
+        data.make_dataset("cifar10", "test", batch_size=8, image_size=32, data_dir=tmp_path)
+
+
 def test_corrupt_image_is_reported(tmp_path):
     root = sources.write_image_folder(tmp_path / "f", {"test": 4})
     (root / "test" / "a" / "00000.jpg").write_bytes(b"\xff\xd8 truncated")

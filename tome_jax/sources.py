@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tarfile
 from pathlib import Path
 
@@ -221,8 +222,23 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None
             download_config=tfds.download.DownloadConfig(manual_dir=str(data_dir)))
         return builder
     builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
-    builder.download_and_prepare()
+    if not builder.is_prepared():
+        _require_network(name, builder.data_dir)
+        builder.download_and_prepare()
     return builder
+
+
+_OFFLINE_TWIN = {"cifar10": "cifar10_jpeg", "fashion_mnist": "fashion_mnist_local"}
+
+
+def _require_network(name: str, where: str, host: str = "storage.googleapis.com") -> None:
+    """Fails fast offline: tfds would otherwise retry its downloads for minutes."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise ConnectionError(
+            f"tfds {name!r} is not prepared in {where} and the network is unreachable ({e}); "
+            f"offline, use {_OFFLINE_TWIN.get(name, 'an offline source')!r}") from e
 
 
 def write_image_folder(root: str | os.PathLike, counts: dict[str, int],
