@@ -135,9 +135,9 @@ def evaluate(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]
               "top5": totals["correct5"] / max(count, 1), **totals,
               "num_batches": num_batches, "seconds": seconds,
               "images_per_s": count / seconds,
-              # Throughput without the first (compiling) step; nan with a single batch.
+              # Throughput without the first (compiling) step; None with a single batch.
               "warm_images_per_s": (count - warm_count) / (time.perf_counter() - warm_start)
-              if num_batches > 1 else float("nan")}
+              if num_batches > 1 else None}
     if return_logits:
         rows = {k: np.concatenate([r[k] for r in kept]) for k in kept[0]}
         logits, index = rows["logits"][rows["mask"]], rows["index"][rows["mask"]]
