@@ -55,7 +55,7 @@ def merge_step_seconds(model: ViT, batch: int, resolution: int, runs: int,
     size = model.size
     head_dim = size.width // size.num_heads
     total = 0.0
-    for r, t in zip(rs, tokens):
+    for r, t in zip(rs, tokens, strict=False):
         if not r:
             continue
         key = jax.random.key(t)
@@ -75,24 +75,33 @@ def merge_step_seconds(model: ViT, batch: int, resolution: int, runs: int,
 
 
 def benchmark(variant: str, batch: int, resolution: int, schedules: Sequence[Schedule],
-              runs: int, warmup: int, dtype, merge_method: str) -> list[dict]:
-    """Measures every schedule; returns one dict per schedule (the printed table's rows)."""
-    base = ViT(variant=variant, num_classes=1000, dtype=dtype, merge_method=merge_method)
+              runs: int, warmup: int, dtype, merge_methods: Sequence[str]) -> list[dict]:
+    """Measures every (schedule, merge method); returns the printed table's rows.
+
+    The first schedule is the baseline of the speed-ups. Schedules that merge nothing are
+    measured once, whatever the method.
+    """
+    base = ViT(variant=variant, num_classes=1000, dtype=dtype)
     images = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3), dtype)
     params = jax.jit(base.init)(jax.random.key(1), images)["params"]
 
     rows, compiled = [], []
     for r in schedules:
-        model = base.clone(r=r)
+        merges = any(base.clone(r=r).token_schedule(resolution)[0])
+        for method in merge_methods if merges else merge_methods[:1]:
+            rows.append(dict(r=r, method=method if merges else "-"))
+    for row in rows:
+        model = base.clone(r=row["r"], merge_method=row["method"] if row["method"] != "-"
+                           else merge_methods[0])
         fn, compile_s = compile_and_time(lambda p, x, m=model: m.apply({"params": p}, x)[0],
                                          (params, images))
         for _ in range(warmup):
             time_once(fn, (params, images))
         compiled.append(fn)
-        rows.append(dict(r=r, tokens=model.token_schedule(resolution)[1][-1],
-                         gflops=model.flops(resolution) / 1e9, compile_s=compile_s, times=[]))
+        row.update(tokens=model.token_schedule(resolution)[1][-1],
+                   gflops=model.flops(resolution) / 1e9, compile_s=compile_s, times=[])
     for _ in range(runs):  # interleaved, so drift in machine load hits every schedule alike
-        for row, fn in zip(rows, compiled):
+        for row, fn in zip(rows, compiled, strict=True):
             row["times"].append(time_once(fn, (params, images)))
 
     base_row = rows[0]
@@ -103,18 +112,19 @@ def benchmark(variant: str, batch: int, resolution: int, schedules: Sequence[Sch
         row["speedup"] = base_row["seconds"] / row["seconds"]
         row["efficiency"] = row["speedup"] / row["flops_speedup"]
         model = base.clone(r=row["r"])
-        row["merge_s"] = merge_step_seconds(model, batch, resolution, runs, merge_method)
+        row["merge_s"] = (merge_step_seconds(model, batch, resolution, runs, row["method"])
+                          if row["method"] != "-" else 0.0)
         row["merge_share"] = row["merge_s"] / row["seconds"]
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("| r | tokens left | GFLOPs | FLOPs-limit speed-up | im/s | measured speed-up | "
-              "measured / limit | compile s | merge ms | merge % of forward |")
-    lines = [header, "|" + "---|" * 10]
+    header = ("| r | merge method | tokens left | GFLOPs | FLOPs-limit speed-up | im/s | "
+              "measured speed-up | measured / limit | compile s | merge ms | merge % of forward |")
+    lines = [header, "|" + "---|" * 11]
     for row in rows:
         lines.append(
-            f"| {row['r']} | {row['tokens']} | {row['gflops']:.2f} | "
+            f"| {row['r']} | {row['method']} | {row['tokens']} | {row['gflops']:.2f} | "
             f"{row['flops_speedup']:.2f}x | {row['im_s']:.1f} | {row['speedup']:.2f}x | "
             f"{row['efficiency']:.2f} | {row['compile_s']:.1f} | {1e3 * row['merge_s']:.2f} | "
             f"{100 * row['merge_share']:.1f}% |")
@@ -132,14 +142,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=7, help="timed runs per schedule")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--merge-method", choices=tome.MERGE_METHODS, default="segment")
+    parser.add_argument("--merge-method", nargs="+", choices=tome.MERGE_METHODS,
+                        default=["segment"], help="several to compare them side by side")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.batch < 1:
         parser.error("--runs and --batch must be positive")
     schedules = [parse_schedule(s) for s in args.r]
     device = jax.devices()[0]
     print(f"ViT-{args.variant} @ {args.resolution}px, batch {args.batch}, {args.dtype}, "
-          f"merge method {args.merge_method}, {device.platform} ({device.device_kind}), "
+          f"{device.platform} ({device.device_kind}), "
           f"median of {args.runs} runs after {args.warmup} warm-up")
     rows = benchmark(args.variant, args.batch, args.resolution, schedules, args.runs,
                      args.warmup, jnp.dtype(args.dtype), args.merge_method)

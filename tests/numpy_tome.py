@@ -30,7 +30,7 @@ def merge(x, kept, src, dst, mode):
     """x [T, C] -> [T - r, C]: kept A tokens, then B tokens with their sources reduced in."""
     a, b = x[0::2], x[1::2]
     groups = {j: [b[j]] for j in range(len(b))}
-    for i, j in zip(src, dst):
+    for i, j in zip(src, dst, strict=True):
         groups[j].append(a[i])
     reduce = {"sum": np.sum, "mean": np.mean, "max": np.max}[mode]
     merged_b = [reduce(np.stack(groups[j]), axis=0) for j in range(len(b))]
@@ -52,6 +52,6 @@ def unmerge(y, kept, src, dst, num_tokens):
         out[2 * j + 1] = b[j]
     for k, i in enumerate(kept):
         out[2 * i] = y[k]
-    for i, j in zip(src, dst):
+    for i, j in zip(src, dst, strict=True):
         out[2 * i] = b[j]
     return out

@@ -53,7 +53,7 @@ def timm_forward_with_tome(model, images_nhwc: np.ndarray, rs: list[int]) -> np.
     x = model.patch_embed(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2))
     x = model._pos_embed(x)
     size = torch.ones(x.shape[:2] + (1,))
-    for blk, r in zip(model.blocks, rs):
+    for blk, r in zip(model.blocks, rs, strict=True):
         attn = blk.attn
         y = blk.norm1(x)
         b, t, c = y.shape

@@ -13,7 +13,6 @@ A schedule is one of:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
 from typing import NamedTuple, Union
 
 from tome_jax.variants import ViTSize, decode_variant
@@ -154,7 +153,7 @@ def flops(variant: str | ViTSize, image_size: int, r: Schedule = 0, *, num_class
     rs, tokens = token_schedule(r, size.depth, num_patches + num_prefix_tokens, protected)
     d, m = size.width, size.mlp_dim
     macs = num_patches * size.patch_size ** 2 * channels * d
-    for t, r_i in zip(tokens, rs):
+    for t, r_i in zip(tokens, rs, strict=False):
         macs += 3 * t * d * d      # q, k, v
         macs += 2 * t * t * d      # q @ k^T and attn @ v
         macs += t * d * d          # output projection

@@ -285,7 +285,7 @@ class ViT(nn.Module):
             raise ValueError(f"images have {image_shape[-1]} channels but the model expects "
                              f"{self.channels} (shape {tuple(image_shape)}, NHWC)")
         patch = self.size.patch_size
-        for name, n in zip(("height", "width"), image_shape[1:3]):
+        for name, n in zip(("height", "width"), image_shape[1:3], strict=True):
             if n % patch:
                 raise ValueError(f"image {name} {n} is not divisible by the patch size {patch}")
 
