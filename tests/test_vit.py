@@ -196,5 +196,34 @@ def test_bad_config():
         ViT(**SMALL, r=[9]).init(jax.random.key(0), images)
     with pytest.raises(ValueError, match="unknown pool"):
         ViT(**SMALL, pool="max").init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        ViT(**SMALL, strategy="drop").init(jax.random.key(0), images)
     with pytest.raises(ValueError, match="unknown ViT variant"):
         ViT(variant="Q/16").init(jax.random.key(0), images)
+
+
+def test_prune_keeps_most_attended_tokens_in_order():
+    from tome_jax import prune
+
+    attention = jnp.asarray([[0.0, 0.5, 0.1, 0.3, 0.05, 0.05],
+                             [0.9, 0.01, 0.02, 0.03, 0.04, 0.0]])
+    np.testing.assert_array_equal(np.asarray(prune.keep_indices(attention, 2)),
+                                  [[0, 1, 2, 3], [0, 2, 3, 4]])
+
+
+@pytest.mark.parametrize("strategy", ["random", "prune"])
+def test_baseline_strategies_match_tome_token_counts(strategy):
+    model = ViT(**SMALL, r=3, strategy=strategy, trace_source=True)
+    params, images = init(model)
+    logits, out = run(model, params, images)
+    tome_logits, tome_out = run(model.clone(strategy="tome"), params, images)
+    assert out["encoded"].shape == tome_out["encoded"].shape
+    assert not np.allclose(np.asarray(logits), np.asarray(tome_logits))
+    source = np.asarray(out["source"])
+    assert (source[:, 0, 0] == 1).all()
+    if strategy == "prune":  # nothing merged: each kept token holds only itself
+        np.testing.assert_array_equal(source.sum(axis=2), 1.0)
+    else:
+        np.testing.assert_array_equal(source.sum(axis=1), 1.0)
+        again, _ = run(model, params, images)
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))

@@ -26,10 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from tome_jax import merge as tome
+from tome_jax import prune
 from tome_jax import schedule as sched
 from tome_jax.variants import ViTSize, decode_variant
 
 POOLS = ("tok", "gap", "mae")
+# tome: ToMe. random: the same bipartite merge with random scores (random pairs). prune: drop the
+# r tokens with the least class-token attention (EViT-style). Same r gives the same token counts.
+STRATEGIES = ("tome", "random", "prune")
 Dtype = Any
 
 
@@ -42,6 +46,7 @@ class MergeConfig:
     prop_attn: bool
     trace_source: bool
     method: str
+    strategy: str = "tome"
 
 
 class MlpBlock(nn.Module):
@@ -72,10 +77,10 @@ class MultiHeadDotProductAttention(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    return_cls_attention: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, size: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, size: jax.Array | None = None):
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
@@ -89,7 +94,14 @@ class MultiHeadDotProductAttention(nn.Module):
         y = jax.nn.dot_product_attention(q, k, v, bias=bias)
         out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
-        return out, k.mean(axis=-2)
+        if not self.return_cls_attention:
+            return out, k.mean(axis=-2)
+        # The class token's attention row, head-averaged [B, T]: only the pruning baseline needs
+        # it, and the fused attention kernel does not return probabilities.
+        logits = jnp.einsum("bhd,bthd->bht", q[:, 0], k).astype(jnp.float32) / np.sqrt(head_dim)
+        if bias is not None:
+            logits = logits + bias[:, :, 0].astype(jnp.float32)
+        return out, jax.nn.softmax(logits, axis=-1).mean(axis=1)
 
 
 class LayerScale(nn.Module):
@@ -118,9 +130,10 @@ def _put_back(t: jax.Array | None, removed: jax.Array | None, start: int):
 
 
 def merge_step(x: jax.Array, size: jax.Array | None, source: jax.Array | None,
-               metric: jax.Array, r: int, cfg: MergeConfig):
-    """One ToMe step on x [B, T, D], size [B, T, 1] | None, source [B, T, N] | None.
+               metric: jax.Array, r: int, cfg: MergeConfig, layer: int = 0):
+    """One token-reduction step on x [B, T, D], size [B, T, 1] | None, source [B, T, N] | None.
 
+    metric: [B, T, C] keys for "tome"/"random", [B, T] class-token attention for "prune".
     Returns (x, size, source) with T - r tokens. r is static and already clamped.
     """
     if r == 0:
@@ -132,6 +145,16 @@ def merge_step(x: jax.Array, size: jax.Array | None, source: jax.Array | None,
     size, size_extra = _set_aside(size, start, cfg.num_extra)
     source, source_extra = _set_aside(source, start, cfg.num_extra)
     metric, _ = _set_aside(metric, start, cfg.num_extra)
+    if cfg.strategy == "prune":
+        keep = prune.keep_indices(metric, r)
+        x, size = prune.gather_tokens(x, keep), prune.gather_tokens(size, keep)
+        source = None if source is None else prune.gather_tokens(source, keep)
+        return (_put_back(x, x_extra, start), _put_back(size, size_extra, start),
+                _put_back(source, source_extra, start))
+    if cfg.strategy == "random":
+        # A fixed key per block: the same random pairs on every call, so evaluation is
+        # deterministic, and different pairs for each image of a batch.
+        metric = jax.random.normal(jax.random.key(layer), metric.shape, jnp.float32)
     merge, _ = tome.bipartite_soft_matching(metric, r, class_token=cfg.class_token,
                                             method=cfg.method)
     if source is not None:
@@ -148,6 +171,7 @@ class Encoder1DBlock(nn.Module):
     num_heads: int
     r: int
     merge_cfg: MergeConfig
+    layer: int = 0
     dropout: float = 0.0
     drop_path: float = 0.0
     layerscale_init: float | None = None
@@ -159,13 +183,16 @@ class Encoder1DBlock(nn.Module):
         # Drop path: the whole residual branch of a sample, rescaled (stochastic depth).
         drop = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2))
         y = nn.LayerNorm(dtype=self.dtype)(x)
-        y, metric = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype)(
+        prune_here = self.merge_cfg.strategy == "prune" and self.r > 0
+        y, metric = MultiHeadDotProductAttention(
+            self.num_heads, dtype=self.dtype, return_cls_attention=prune_here)(
             y, size if self.merge_cfg.prop_attn else None)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         if self.layerscale_init is not None:
             y = LayerScale(self.layerscale_init)(y)
         x = x + drop(y, deterministic)
-        x, size, source = merge_step(x, size, source, metric, self.r, self.merge_cfg)
+        x, size, source = merge_step(x, size, source, metric, self.r, self.merge_cfg,
+                                     self.layer)
         y = nn.LayerNorm(dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dropout, self.approximate_gelu, dtype=self.dtype)(
             y, deterministic)
@@ -201,7 +228,7 @@ class Encoder(nn.Module):
         for i in range(self.depth):
             x, size, source = Encoder1DBlock(
                 mlp_dim=self.mlp_dim, num_heads=self.num_heads, r=self.rs[i],
-                merge_cfg=self.merge_cfg, dropout=self.dropout,
+                merge_cfg=self.merge_cfg, layer=i, dropout=self.dropout,
                 drop_path=self.drop_path * i / max(self.depth - 1, 1),
                 layerscale_init=self.layerscale_init, approximate_gelu=self.approximate_gelu,
                 dtype=self.dtype, name=f"encoderblock_{i}")(x, size, source, deterministic)
@@ -227,6 +254,8 @@ class ViT(nn.Module):
     pool: "tok" (class token), "gap" (size-weighted mean of patch tokens after the final norm),
       "mae" (size-weighted mean of patch tokens, no final norm, then `fc_norm`).
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+    strategy: "tome"; or the baselines "random" (random pairs) and "prune" (drop the tokens the
+      class token attends to least), which keep the same token counts per block.
     """
 
     variant: str = "B/16"
@@ -250,6 +279,7 @@ class ViT(nn.Module):
     dropout: float = 0.0
     drop_path: float = 0.0
     merge_method: str = "segment"
+    strategy: str = "tome"
 
     def __post_init__(self):
         self.r = sched.canonical(self.r)
@@ -275,6 +305,11 @@ class ViT(nn.Module):
             raise ValueError("pool='tok' needs class_token=True")
         if self.distill_token and not self.class_token:
             raise ValueError("a distill token needs a class token")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if self.strategy == "prune" and not self.class_token:
+            raise ValueError("strategy='prune' ranks tokens by class-token attention and needs "
+                             "class_token=True")
         if self.merge_method not in tome.MERGE_METHODS:
             raise ValueError(f"unknown merge_method {self.merge_method!r}; "
                              f"expected one of {tome.MERGE_METHODS}")
@@ -343,7 +378,7 @@ class ViT(nn.Module):
         merge_cfg = MergeConfig(class_token=self.class_token,
                                 num_extra=self.num_prefix_tokens - int(self.class_token),
                                 prop_attn=self.prop_attn, trace_source=self.trace_source,
-                                method=self.merge_method)
+                                method=self.merge_method, strategy=self.strategy)
         x, tok_size, source = Encoder(
             depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads, rs=tuple(rs),
             merge_cfg=merge_cfg, final_norm=self.pool != "mae", dropout=self.dropout,
