@@ -1,0 +1,335 @@
+"""Token-merge visualisation, as in the ToMe paper's figures.
+
+Each final (or per-block) token holds a set of input patches (`source`, tracked by the model
+with `trace_source=True`). Painting every patch of a group with the group's mean colour, with a
+border between groups, shows what the network merged:
+
+    python -m tome_jax.vis photo.jpg --checkpoint DIR --r 8 --r 16 --out merges.png
+
+    labels = patch_groups(source[0], num_prefix=1, grid_hw=(16, 16))   # [16, 16] group ids
+    panel = paint_groups(image_u8, labels)                             # [H, W, 3] uint8
+
+Shapes: H, W image pixels; gh, gw the patch grid; T = prefix + gh * gw input tokens; T' tokens
+left after merging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NORMALIZATIONS = {
+    # (mean, std) on [0, 1] pixels.
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm / torchvision / DINOv2
+    "augreg": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # big_vision / AugReg: [-1, 1]
+}
+BORDER = (255, 255, 255)
+
+
+class VisError(ValueError):
+    """An input the visualisation cannot use (undecodable image, model without sources)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Images.
+
+
+def load_image(path: str | os.PathLike, image_size: int) -> tuple[np.ndarray, str | None]:
+    """Decodes an image file -> (uint8 [S, S, 3], note or None).
+
+    The shorter side is resized to S = image_size (bicubic), then centre-cropped, so the
+    aspect ratio is kept. Non-RGB images (grayscale, RGBA, palette, CMYK) are converted to RGB
+    and the note says so (RGBA is composited over white, not just stripped of alpha, so
+    transparent areas do not turn into whatever colour the file stored under them).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except FileNotFoundError:
+        raise VisError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise VisError(f"cannot decode image {path}: {e}") from None
+    note = None
+    if img.mode != "RGB":
+        note = f"note: {path.name} is mode {img.mode!r}, converted to RGB"
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            img = img.convert("RGB")
+    w, h = img.size
+    scale = image_size / min(w, h)
+    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - image_size) // 2, (nh - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(img, np.uint8), note
+
+
+def normalize(image: np.ndarray, normalization: str = "imagenet") -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 model input with the named mean/std."""
+    if normalization not in NORMALIZATIONS:
+        raise VisError(f"unknown normalization {normalization!r}; "
+                       f"expected one of {tuple(NORMALIZATIONS)}")
+    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[normalization])
+    return (image.astype(np.float32) / 255 - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups from sources.
+
+
+def patch_groups(source: np.ndarray, num_prefix: int, grid_hw: tuple[int, int]) -> np.ndarray:
+    """source [T', T] 0/1 of one image -> group id per patch [gh, gw] int32.
+
+    Ids are 0..G-1 in order of first appearance (row-major), so equal partitions give equal
+    labels whatever order the tokens are in. Prefix tokens (class, distill, registers) are the
+    first num_prefix input columns and are never merged with patches, so they are dropped.
+    """
+    source = np.asarray(source)
+    gh, gw = grid_hw
+    if source.ndim != 2 or source.shape[1] != num_prefix + gh * gw:
+        raise VisError(f"source of shape {source.shape} does not fit {num_prefix} prefix "
+                       f"tokens + a {gh}x{gw} patch grid")
+    patches = source[:, num_prefix:]
+    held = patches.sum(axis=0)
+    if not np.all(held == 1):
+        raise VisError("source is not a partition of the patches (each patch must be held by "
+                       f"exactly one token; counts range {held.min()}..{held.max()})")
+    owner = patches.argmax(axis=0)
+    _, first, inverse = np.unique(owner, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))  # relabel by first appearance
+    return rank[inverse].reshape(gh, gw).astype(np.int32)
+
+
+def upsample_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """[gh, gw] -> [H, W] (nearest; H, W multiples of gh, gw)."""
+    gh, gw = labels.shape
+    h, w = hw
+    if h % gh or w % gw:
+        raise VisError(f"image {h}x{w} is not a whole number of {gh}x{gw} patches")
+    return np.repeat(np.repeat(labels, h // gh, axis=0), w // gw, axis=1)
+
+
+def group_means(image: np.ndarray, pixel_labels: np.ndarray) -> np.ndarray:
+    """Mean colour of each group: image [H, W, 3], labels [H, W] in 0..G-1 -> [G, 3] float64."""
+    flat = pixel_labels.reshape(-1)
+    counts = np.bincount(flat)
+    sums = np.stack([np.bincount(flat, weights=image[..., c].reshape(-1).astype(np.float64),
+                                 minlength=len(counts)) for c in range(3)], axis=-1)
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def group_borders(pixel_labels: np.ndarray) -> np.ndarray:
+    """[H, W] labels -> [H, W] bool, True on the pixel on each side of a label change."""
+    edge = np.zeros(pixel_labels.shape, bool)
+    dv = pixel_labels[1:] != pixel_labels[:-1]
+    dh = pixel_labels[:, 1:] != pixel_labels[:, :-1]
+    # Both sides of the change: a 2-pixel line, visible after downscaling in a figure.
+    edge[1:] |= dv
+    edge[:-1] |= dv
+    edge[:, 1:] |= dh
+    edge[:, :-1] |= dh
+    return edge
+
+
+def paint_groups(image: np.ndarray, labels: np.ndarray,
+                 border: tuple[int, int, int] | None = BORDER) -> np.ndarray:
+    """Each group's pixels in its mean colour, borders between groups.
+
+    image uint8 [H, W, 3], labels [gh, gw] -> uint8 [H, W, 3].
+    """
+    pixel_labels = upsample_labels(labels, image.shape[:2])
+    means = group_means(image, pixel_labels)
+    out = np.rint(means[pixel_labels]).clip(0, 255).astype(np.uint8)
+    if border is not None:
+        out[group_borders(pixel_labels)] = border
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Model.
+
+
+def check_traceable(model: Any) -> None:
+    """Raises VisError unless `model` is a ViT-like module that can track sources."""
+    fields = getattr(type(model), "__dataclass_fields__", {})
+    missing = [f for f in ("trace_source", "r") if f not in fields]
+    if missing or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "size"):
+        raise VisError(f"{type(model).__name__} does not support source tracking (no "
+                       f"{', '.join(missing) or 'num_prefix_tokens/size'}); the visualisation "
+                       "needs a tome_jax.vit.ViT (trace_source=True)")
+
+
+def merge_sources(model: Any, params: Any, images: np.ndarray, r: Any,
+                  per_layer: bool = False) -> list[np.ndarray]:
+    """Sources of a batch at schedule r.
+
+    images [B, H, W, 3] (normalised) -> [source after the last block] or, with per_layer, one
+    source per block; each [B, T_i, T] float 0/1.
+    """
+    import jax
+
+    from tome_jax.vit import Encoder1DBlock
+
+    check_traceable(model)
+    model = model.clone(r=r, trace_source=True)
+    gh, gw = (n // model.size.patch_size for n in images.shape[1:3])
+    pos = params.get("pos_embedding") if hasattr(params, "get") else None
+    if pos is not None and pos.shape[1] != gh * gw:
+        raise VisError(f"the checkpoint's position embeddings cover {pos.shape[1]} patches, "
+                       f"a {images.shape[1]}x{images.shape[2]} image has {gh}x{gw}: use the "
+                       "checkpoint's image size or reconvert it with --image-size")
+    capture = (lambda m, _: isinstance(m, Encoder1DBlock)) if per_layer else False
+
+    @jax.jit
+    def run(p, x):
+        return model.apply({"params": p}, x, capture_intermediates=capture)
+
+    result = run(params, images)
+    if per_layer:
+        (_, out), state = result
+        blocks = state["intermediates"]["Transformer"]
+        sources = [blocks[f"encoderblock_{i}"]["__call__"][0][2]
+                   for i in range(model.size.depth)]
+    else:
+        _, out = result
+        sources = [out.get("source")]
+    if any(s is None for s in sources):
+        raise VisError(f"{type(model).__name__} returned no source with trace_source=True; "
+                       "it does not support source tracking")
+    return [np.asarray(s) for s in sources]
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures.
+
+
+def render_grid(rows: Sequence[Sequence[tuple[str, np.ndarray]]], path: str | os.PathLike,
+                panel_inches: float = 2.4, dpi: int = 100) -> Path:
+    """Writes a PNG grid: rows of (title, uint8 [H, W, 3]) panels. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also safe when imported by a GUI program
+    import matplotlib.pyplot as plt
+
+    nrows, ncols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
+                             figsize=(panel_inches * ncols, (panel_inches + 0.3) * nrows))
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, row in enumerate(rows):
+        for j, (title, img) in enumerate(row):
+            axes[i, j].imshow(img, interpolation="nearest")
+            axes[i, j].set_title(title, fontsize=9)
+    fig.tight_layout(pad=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
+              normalization: str = "imagenet", layers: Sequence[int] | None = None
+              ) -> list[list[tuple[str, np.ndarray]]]:
+    """Panels for one uint8 image [H, W, 3]: one row per r (or a single row when layers is
+    None): the original, then the merged groups at the end (layers None) or after each listed
+    block (1-based, e.g. [3, 6, 9, 12]). Titles give r and the token count."""
+    check_traceable(model)
+    x = normalize(image, normalization)[None]
+    patch = model.size.patch_size
+    grid = (image.shape[0] // patch, image.shape[1] // patch)
+    prefix = model.num_prefix_tokens
+    original = ("original", image)
+    if layers is None:
+        row = [original]
+        for r in rs:
+            (source,) = merge_sources(model, params, x, r)
+            labels = patch_groups(source[0], prefix, grid)
+            row.append((f"r = {r}: {source.shape[1]} tokens", paint_groups(image, labels)))
+        return [row]
+    depth = model.size.depth
+    bad = [i for i in layers if not 1 <= i <= depth]
+    if bad:
+        raise VisError(f"layers {bad} outside 1..{depth}")
+    rows = []
+    for r in rs:
+        sources = merge_sources(model, params, x, r, per_layer=True)
+        row = [original]
+        for i in layers:
+            labels = patch_groups(sources[i - 1][0], prefix, grid)
+            row.append((f"r = {r}, block {i}: {sources[i - 1].shape[1]} tokens",
+                        paint_groups(image, labels)))
+        rows.append(row)
+    return rows
+
+
+def _load_checkpoint(path: str) -> tuple[Any, Any, int | None]:
+    """DIR written by `tome_jax.convert` -> (model, params, its image size or None)."""
+    from tome_jax.convert import CONFIG_FILE, PARAMS_FILE, load_pretrained
+
+    d = Path(path)
+    for name in (CONFIG_FILE, PARAMS_FILE):
+        if not (d / name).is_file():
+            raise VisError(f"{d} is not a converted checkpoint: {d / name} is missing "
+                           "(make one with `python -m tome_jax.convert SRC DIR`)")
+    try:
+        model, params = load_pretrained(d)
+    except TypeError as e:  # config fields this ViT does not have
+        raise VisError(f"{d / CONFIG_FILE} does not describe a tome_jax ViT: {e}") from None
+    size = json.loads((d / CONFIG_FILE).read_text()).get("image_size")
+    return model, params, (int(size[0]) if size else None)
+
+
+def _parse_r(text: str) -> Any:
+    """'16' -> 16; '16,-1' -> (16, -1) (a ramp); JSON lists for per-block schedules."""
+    try:
+        value = json.loads(text if text.startswith("[") else f"[{text}]")
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"bad r {text!r}") from None
+    if text.startswith("["):
+        return value
+    return value[0] if len(value) == 1 else tuple(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tome_jax.vis",
+                                description="Paint ToMe's merged patch groups over an image.")
+    p.add_argument("image")
+    p.add_argument("--checkpoint", required=True, help="directory from tome_jax.convert")
+    p.add_argument("--r", type=_parse_r, action="append", required=True,
+                   help="schedule: 16, or 16,-1 (ramp), or [..] per block; repeat for panels")
+    p.add_argument("--out", default="merges.png")
+    p.add_argument("--image-size", type=int, help="default: the checkpoint's, else 224")
+    p.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet")
+    p.add_argument("--layers", type=int, nargs="+",
+                   help="also show the groups after these blocks (1-based), one row per r")
+    a = p.parse_args(argv)
+    try:
+        model, params, ckpt_size = _load_checkpoint(a.checkpoint)
+        check_traceable(model)
+        image, note = load_image(a.image, a.image_size or ckpt_size or 224)
+        if note:
+            print(note, file=sys.stderr)
+        rows = visualise(model, params, image, a.r, a.normalization, a.layers)
+    except ValueError as e:  # VisError, and the model's own shape / config checks
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(render_grid(rows, a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
