@@ -119,6 +119,24 @@ def test_train_stream_is_seeded_and_augmented(folder):
         assert tuple(out.shape) == (16, 16, 3)
 
 
+def test_train_stream_resumes_exactly_at_any_batch(folder):
+    a = data.make_dataset("image_folder", "train", batch_size=8, image_size=16, data_dir=folder,
+                          train=True, shuffle_seed=3)
+    it = iter(a)
+    stream = [next(it) for _ in range(8)]  # 3 batches per epoch: crosses two epoch boundaries
+    # Every epoch is a permutation of the whole split (each example once).
+    epoch_labels = [np.concatenate([b["label"] for b in stream[e * 3:e * 3 + 3]])
+                    for e in range(2)]
+    assert not np.array_equal(stream[0]["image"], stream[3]["image"])  # reshuffled, re-augmented
+    np.testing.assert_array_equal(np.sort(epoch_labels[0]), np.sort(epoch_labels[1]))
+    for k in (1, 3, 5):
+        resumed = a.iterate_from(k)
+        for want in stream[k:k + 3]:
+            got = next(resumed)
+            np.testing.assert_array_equal(got["image"], want["image"])
+            np.testing.assert_array_equal(got["label"], want["label"])
+
+
 def test_bad_input(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("TOME_JAX_CACHE", str(tmp_path / "cache"))  # keep ~/.cache clean
     with pytest.raises(ValueError, match="unknown dataset 'cifar100'"):

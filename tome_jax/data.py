@@ -12,9 +12,11 @@ differing by at most one); the last partial batch is padded with masked examples
 process yields the same number of batches (`len(batches)`) so collectives line up. `index` is
 the example's position in the split, which lets results be compared across device counts.
 
-Training (`train=True`) shuffles with `shuffle_seed`, repeats forever, applies random
-augmentation with per-example stateless seeds (so a seed fixes the whole stream), and drops the
-last partial batch; `len(batches)` is then the number of batches in one epoch of this process.
+Training (`train=True`) runs epoch after epoch, each a fresh permutation fixed by
+(`shuffle_seed`, epoch), applies random augmentation with per-example stateless seeds (so a
+seed fixes the whole stream), and drops the last partial batch; `len(batches)` is then the
+number of batches in one epoch of this process. `batches.iterate_from(k)` starts the same stream
+at batch k without decoding the k batches before it, which is how training resumes exactly.
 
 Only a bounded number of batches (the `prefetch` queue plus tf.data's in-flight map calls) is
 ever in host memory: images are decoded as they are read, never the whole split.
@@ -23,6 +25,7 @@ ever in host memory: images are decoded as they are read, never the whole split.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -165,9 +168,9 @@ class Batches:
     batch_size: this process's batch; global_batch_size: batch_size * process_count.
     """
 
-    def __init__(self, build: Callable[[], tf.data.Dataset], *, num_batches: int, num_examples: int,
-                 batch_size: int, process_count: int, num_classes: int | None, name: str,
-                 split: str, train: bool):
+    def __init__(self, build: Callable[..., tf.data.Dataset], *, num_batches: int,
+                 num_examples: int, batch_size: int, process_count: int,
+                 num_classes: int | None, name: str, split: str, train: bool):
         self.build = build
         self.num_batches = num_batches
         self.num_examples = num_examples
@@ -177,9 +180,19 @@ class Batches:
         self.name, self.split, self.train = name, split, train
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.train:
+            return self.iterate_from(0)
         # A fresh pipeline per pass: a reused tf.data shuffle would continue its seed stream,
         # so a second pass would differ from the first.
         return iter(tfds.as_numpy(self.build()))
+
+    def iterate_from(self, batch: int) -> Iterator[dict[str, np.ndarray]]:
+        """The training stream (endless) starting at its `batch`-th batch."""
+        if not self.train:
+            raise ValueError("iterate_from is for training streams; evaluation reads in order")
+        first_epoch, skip = divmod(batch, self.num_batches)
+        for epoch in itertools.count(first_epoch):
+            yield from tfds.as_numpy(self.build(epoch, skip if epoch == first_epoch else 0))
 
     def __len__(self) -> int:
         return self.num_batches
@@ -237,14 +250,24 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
         # Every process runs the same number of steps, sized by the largest share.
         num_batches = math.ceil(math.ceil(num_examples / process_count) / local_batch)
 
-    def build() -> tf.data.Dataset:
-        ds = _read(builder, split_name, start + lo, start + hi, shuffle_files=train, seed=seed)
+    def build(epoch: int = 0, skip_batches: int = 0) -> tf.data.Dataset:
+        epoch_seed = seed * 7919 + epoch
+        ds = _read(builder, split_name, start + lo, start + hi, shuffle_files=train,
+                   seed=epoch_seed)
         options = tf.data.Options()
         options.deterministic = True
         ds = ds.with_options(options)
 
         if train:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+            # Small sources (ImageFolder lists files class by class) need the whole split in the
+            # buffer to be shuffled at all; raw encoded bytes are cheap to hold.
+            buffer = host_n if host_n <= 100_000 else shuffle_buffer
+            ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+            ds = ds.take(num_batches * local_batch)
+            # Counting examples across epochs gives every example of the stream its own
+            # augmentation seed; skipping happens before decoding, so resuming is cheap.
+            ds = ds.enumerate(start=epoch * num_batches * local_batch)
+            ds = ds.skip(skip_batches * local_batch)
 
             def train_map(i, ex):
                 image = train_transform(decode(ex["image"]), image_size, recipe.train_aug,
@@ -253,7 +276,7 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
                         "label": tf.cast(ex["label"], tf.int32),
                         "mask": tf.constant(True), "index": tf.constant(-1, tf.int32)}
 
-            ds = ds.enumerate().map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
             ds = ds.batch(local_batch, drop_remainder=True)
         else:
             def eval_map(i, ex):
