@@ -1,0 +1,181 @@
+"""Export a merged ViT as a serialized StableHLO artefact (`jax.export`).
+
+The artefact holds the whole forward at a fixed r schedule with the parameters baked in as
+constants, so serving needs only JAX (no tome_jax, no flax):
+
+    python -m tome_jax.export --checkpoint DIR --r 16 --out model.jaxexport [--batch 8]
+
+    exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
+    logits = exported.call(images)      # images [b, H, W, 3] float32, normalised
+
+Beside it, `model.jaxexport.json` records the input shape ("b" for a symbolic batch) and dtype,
+the r schedule (requested and per block), the model config, the byte count and sha256 of the
+artefact and the JAX version that wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+FORMAT = "tome_jax.export/1"
+SIDECAR_SUFFIX = ".json"
+
+
+class ExportError(ValueError):
+    """An artefact that cannot be read back (missing, truncated, corrupt, mismatched)."""
+
+
+def export_model(model: Any, params: Any, image_shape: tuple[int | None, int, int, int],
+                 platforms: Sequence[str] | None = None) -> jax.export.Exported:
+    """jax.export of `images -> logits` with params closed over (baked in as constants).
+
+    image_shape: (batch, H, W, C); batch None exports a symbolic batch dimension "b", an int
+    a fixed batch. platforms: lowering targets (e.g. ["cpu", "cuda"]); None: the default
+    backend's platform. The logits are float32 [batch, num_classes] (the pooled features when
+    the model has no head).
+    """
+    batch, h, w, c = image_shape
+    model.check((1, h, w, c))  # clear errors for bad sizes before tracing
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+
+    def forward(images: jax.Array) -> jax.Array:
+        logits, _ = model.apply({"params": params}, images)
+        return logits
+
+    if batch is None:
+        (b,) = jax.export.symbolic_shape("b")
+        spec = jax.ShapeDtypeStruct((b, h, w, c), jnp.float32)
+    else:
+        spec = jax.ShapeDtypeStruct((int(batch), h, w, c), jnp.float32)
+    kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
+    return jax.export.export(jax.jit(forward), **kwargs)(spec)
+
+
+def describe(exported: jax.export.Exported, model: Any, image_size: tuple[int, int],
+             data: bytes) -> dict[str, Any]:
+    """The JSON sidecar for an exported model and its serialized bytes."""
+    (aval,) = exported.in_avals
+    rs, tokens = model.token_schedule(image_size)
+    fields = getattr(model, "__dataclass_fields__", {})
+    config = {k: getattr(model, k) for k in fields if k not in ("parent", "name")}
+    if "dtype" in config:
+        config["dtype"] = jnp.dtype(config["dtype"]).name
+    config = json.loads(json.dumps(config, default=str))  # dtypes and tuples as JSON
+    return {
+        "format": FORMAT,
+        "input": {"shape": [d if isinstance(d, int) else str(d) for d in aval.shape],
+                  "dtype": str(aval.dtype), "layout": "NHWC, normalised"},
+        "output": {"shape": [d if isinstance(d, int) else str(d)
+                             for d in exported.out_avals[0].shape],
+                   "dtype": str(exported.out_avals[0].dtype)},
+        "variant": model.variant,
+        "r": json.loads(json.dumps(model.r, default=str)),
+        "r_per_block": list(rs),
+        "tokens_per_block": list(tokens),
+        "model": config,
+        "platforms": list(exported.platforms),
+        "jax_version": jax.__version__,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """model.jaxexport -> model.jaxexport.json"""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def save_exported(path: str | os.PathLike, exported: jax.export.Exported,
+                  meta_fn: Any = None) -> dict[str, Any]:
+    """Writes the serialized artefact and its sidecar (each via a temporary file + rename, so a
+    crash never leaves a half-written file under the final name). meta_fn(bytes) -> sidecar
+    dict; None writes the bytes' size and hash only. Returns the sidecar."""
+    path = Path(path)
+    data = bytes(exported.serialize())
+    meta = meta_fn(data) if meta_fn else {"format": FORMAT, "bytes": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest(),
+                                          "jax_version": jax.__version__}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, content in ((path, data), (sidecar_path(path),
+                                           json.dumps(meta, indent=2).encode())):
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, target)
+    return meta
+
+
+def load_exported(path: str | os.PathLike) -> jax.export.Exported:
+    """Reads an artefact back; raises ExportError naming the file when it is missing,
+    truncated or corrupt (checked against the sidecar's size and sha256 when there is one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"no exported model at {path}")
+    data = path.read_bytes()
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportError(f"sidecar {side} is not valid JSON: {e}") from None
+        if "bytes" in meta and len(data) != meta["bytes"]:
+            raise ExportError(f"{path} has {len(data)} bytes but {side.name} records "
+                              f"{meta['bytes']}: the file is truncated or was replaced")
+        if "sha256" in meta and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ExportError(f"{path} does not match the sha256 in {side.name}: corrupt")
+    try:
+        return jax.export.deserialize(bytearray(data))
+    except Exception as e:  # flatbuffers / MLIR raise assorted types on garbage
+        raise ExportError(f"{path} is not a readable jax.export artefact (truncated, corrupt, "
+                          f"or written by an incompatible JAX): {type(e).__name__}: {e}"
+                          ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tome_jax.export",
+                                description="Export a merged ViT to a jax.export artefact.")
+    p.add_argument("--checkpoint", required=True, help="directory from tome_jax.convert")
+    p.add_argument("--r", default="0", help="schedule: 16, or 16,-1 (ramp), or [..] per block")
+    p.add_argument("--out", required=True, help="artefact path (sidecar: OUT.json)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--batch", type=int, help="fixed batch size")
+    g.add_argument("--symbolic-batch", action="store_true",
+                   help="symbolic batch dimension 'b' (the default)")
+    p.add_argument("--image-size", type=int, help="default: the checkpoint's, else 224")
+    p.add_argument("--platforms", help="comma-separated lowering targets, e.g. cpu,cuda "
+                                       "(default: this machine's)")
+    a = p.parse_args(argv)
+
+    from tome_jax.vis import VisError, _load_checkpoint, _parse_r
+
+    try:
+        r = _parse_r(a.r)
+        model, params, ckpt_size = _load_checkpoint(a.checkpoint)
+        size = a.image_size or ckpt_size or 224
+        if a.batch is not None and a.batch < 1:
+            raise ExportError(f"--batch must be >= 1, got {a.batch}")
+        model = model.clone(r=r)
+        exported = export_model(model, params, (a.batch, size, size, model.channels),
+                                a.platforms.split(",") if a.platforms else None)
+        meta = save_exported(a.out, exported,
+                             lambda data: describe(exported, model, (size, size), data))
+    except (ExportError, VisError, ValueError, argparse.ArgumentTypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": str(a.out), "input": meta["input"], "r_per_block":
+                      meta["r_per_block"], "bytes": meta["bytes"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
