@@ -1,0 +1,150 @@
+"""eval.sweep: rows, files and errors on a tiny random ViT over a synthetic ImageFolder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval import evaluate as ev
+from eval import sweep as S
+from tome_jax import convert, sources
+from tome_jax.vit import ViT
+
+N = 10  # examples
+CLI = ["--random-init", "--variant", "mu/4", "--data", "image_folder", "--split", "test",
+       "--image-size", "16", "--batch-size", "4", "--runs", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return sources.write_image_folder(tmp_path_factory.mktemp("folder"), {"test": N})
+
+
+def _batches(seed: int = 0, n: int = 2, b: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
+             "label": rng.integers(0, 3, b).astype(np.int32)} for _ in range(n)]
+
+
+def test_cosine_fidelity():
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    assert S.cosine_fidelity(a, a) == pytest.approx((1.0, 1.0))
+    b = np.array([[0.0, 2.0], [2.0, 2.0]])  # orthogonal, then parallel (scale ignored)
+    assert S.cosine_fidelity(a, b) == pytest.approx((0.5, 0.0))
+    with pytest.raises(ValueError, match="shapes differ"):
+        S.cosine_fidelity(a, a[:1])
+
+
+def test_plan_shares_the_r0_row_and_puts_it_first():
+    model = ViT(variant="mu/4", num_classes=3)
+    assert S.plan(model, 16, [4, 0, 2], ["tome", "prune"]) == [
+        ("-", 0), ("tome", 4), ("tome", 2), ("prune", 4), ("prune", 2)]
+    # No r = 0 asked for: it is added as the reference.
+    assert S.plan(model, 16, [2], ["random"]) == [("-", 0), ("random", 2)]
+
+
+def test_schedule_text_round_trips():
+    from eval.benchmark import parse_schedule
+
+    for text in ("8", "8,-1", "[8,8,4]"):
+        assert S.schedule_text(parse_schedule(text)) == text
+
+
+def test_sweep_rows_fidelity_and_accuracy():
+    model = ViT(variant="mu/4", num_classes=3)
+    params = ev.random_params(model, 16, seed=1)
+    rows = S.sweep(model, params, _batches(), image_size=16, schedules=[0, 2],
+                   methods=["tome"], fidelity=True, num_classes=3, runs=1, warmup=0,
+                   show=False)
+    assert [(r["method"], r["r"], r["tokens"]) for r in rows] == [("-", "0", 17),
+                                                                  ("tome", "2", 15)]
+    base, merged = rows
+    assert base["fid_mean"] == pytest.approx(1.0) and base["fid_min"] == pytest.approx(1.0)
+    assert 0.0 < merged["fid_min"] <= merged["fid_mean"] <= 1.0 + 1e-6
+    assert merged["gflops"] < base["gflops"] and merged["flops_speedup"] > 1
+    assert base["speedup"] == 1.0 and merged["im_s"] > 0
+    for row in rows:
+        assert 0 <= row["top1"] <= row["top5"] <= 1 and row["count"] == 8
+    # The same network as evaluate's at r = 2.
+    direct = ev.evaluate(model.clone(r=2), params, _batches(), num_classes=3)
+    assert merged["top1"] == direct["top1"]
+
+
+@pytest.mark.parametrize("method", ["random", "prune"])
+def test_baseline_methods_keep_token_counts(method):
+    model = ViT(variant="mu/4", num_classes=0)
+    if "strategy" not in model.__dataclass_fields__:
+        pytest.skip("ViT has no strategy field yet")
+    params = ev.random_params(model, 16)
+    rows = S.sweep(model, params, _batches(n=1), image_size=16, schedules=[0, 3],
+                   methods=["tome", method], accuracy=False, fidelity=True, runs=0,
+                   show=False)
+    assert [r["method"] for r in rows] == ["-", "tome", method]
+    assert rows[1]["tokens"] == rows[2]["tokens"] == 14
+    assert rows[1]["gflops"] == rows[2]["gflops"]
+    assert rows[2]["fid_mean"] <= 1.0 + 1e-6 and rows[2]["im_s"] is None
+
+
+def test_cli_writes_csv_markdown_and_png(folder, tmp_path):
+    out = tmp_path / "res" / "sw"
+    rows = S.main(CLI + ["--data-dir", str(folder), "--r", "0", "2", "--fidelity",
+                         "--out", str(out), "--json"])
+    with open(f"{out}.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["method"], r["r"]) for r in table] == [("-", "0"), ("tome", "2")]
+    assert list(table[0]) == list(S.COLUMNS)
+    assert float(table[0]["fid_mean"]) == pytest.approx(1.0)
+    assert all(float(r["im_s"]) > 0 and 0 <= float(r["top1"]) <= 1 for r in table)
+    md = Path(f"{out}.md").read_text()
+    assert "| - | 0 | 17 |" in md and "| tome | 2 | 15 |" in md and "cos fidelity mean" in md
+    png = Path(f"{out}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert rows[0]["count"] == N
+
+
+def test_cli_output_lines(folder, tmp_path, capsys):
+    S.main(CLI + ["--data-dir", str(folder), "--r", "2", "--runs", "0",
+                  "--out", str(tmp_path / "x"), "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("sweep done: 2 configurations")
+    assert [r["r"] for r in json.loads(lines[-2])] == ["0", "2"]
+
+
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        S.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input(folder, tmp_path, capsys):
+    base = CLI + ["--data-dir", str(folder), "--out", str(tmp_path / "x")]
+    assert "unknown method 'merge'" in _error(base + ["--method", "tome", "merge"], capsys)
+    assert "invalid choice: 'nope'" in _error(
+        ["--random-init", "--data", "nope"], capsys)
+    assert "one of the arguments --checkpoint --random-init is required" in _error(
+        ["--data", "image_folder"], capsys)
+    assert "not a directory written by python -m tome_jax.convert" in _error(
+        [a for a in base if a != "--random-init"] + ["--checkpoint", str(tmp_path)], capsys)
+    assert "model has 5 classes but the data has 3" in _error(
+        base + ["--num-classes", "5"], capsys)
+    assert "no classification head" in _error(base + ["--num-classes", "0"], capsys)
+    with pytest.raises(ValueError, match="unknown method"):
+        S.check_methods(["tome", "bogus"])
+
+
+def test_checkpoint_class_count_mismatch(folder, tmp_path, capsys):
+    model = ViT(variant="mu/4", num_classes=5)
+    flat = convert.flatten(ev.random_params(model, 16))
+    ckpt = convert.save_converted(tmp_path / "ckpt", flat, {"variant": "mu/4", "num_classes": 5},
+                                  (16, 16))
+    argv = [a for a in CLI if a != "--random-init"] + [
+        "--checkpoint", str(ckpt), "--data-dir", str(folder), "--out", str(tmp_path / "x")]
+    assert "model has 5 classes but the data has 3" in _error(argv, capsys)
+    # Features need no head of the data's size: fidelity alone runs.
+    rows = S.main(argv + ["--no-accuracy", "--fidelity", "--r", "0", "2", "--runs", "0"])
+    assert rows[0]["fid_mean"] == pytest.approx(1.0) and rows[1]["top1"] is None
