@@ -1,0 +1,144 @@
+"""jax.export of a merged ViT: reload in a fresh process without tome_jax, same logits."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from tome_jax import convert, export
+from tome_jax.vit import ViT
+
+TINY = dict(variant="S/8", depth=2, width=32, num_heads=2, mlp_dim=64, num_classes=10)
+R = 5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny ViT with r > 0, random (not zero-init) head so logits depend on all."""
+    model = ViT(**TINY, r=R)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    params = jax.jit(model.clone(r=0).init)(jax.random.key(0), x)["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.02 * jax.random.normal(jax.random.key(len(str(path))), v.shape),
+        params)
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def artefacts(tiny, tmp_path_factory):
+    """The tiny model exported with a symbolic batch and with a fixed batch of 2."""
+    model, params = tiny
+    d = tmp_path_factory.mktemp("export")
+    for name, batch in (("sym", None), ("fixed", 2)):
+        ex = export.export_model(model, params, (batch, 32, 32, 3))
+        export.save_exported(d / f"{name}.jaxexport", ex,
+                             lambda data, ex=ex: export.describe(ex, model, (32, 32), data))
+    return d
+
+
+# Runs in a fresh interpreter; tome_jax and flax are blocked, so only jax + numpy serve it.
+FRESH = textwrap.dedent("""
+    import json, sys
+    sys.modules["tome_jax"] = None  # any import of it now fails
+    sys.modules["flax"] = None
+    import jax, numpy as np
+    d = sys.argv[1]
+    out = {}
+    sym = jax.export.deserialize(bytearray(open(f"{d}/sym.jaxexport", "rb").read()))
+    for b in (1, 3):
+        out[f"sym{b}"] = np.asarray(sym.call(np.load(f"{d}/x{b}.npy")))
+    fixed = jax.export.deserialize(bytearray(open(f"{d}/fixed.jaxexport", "rb").read()))
+    out["fixed2"] = np.asarray(fixed.call(np.load(f"{d}/x2.npy")))
+    try:
+        fixed.call(np.load(f"{d}/x3.npy"))
+        out["fixed_rejects_3"] = np.array(False)
+    except Exception:
+        out["fixed_rejects_3"] = np.array(True)
+    np.savez(f"{d}/out.npz", **out)
+    print(json.dumps(sorted(m for m, mod in sys.modules.items()
+                            if m.startswith(("tome_jax", "flax")) and mod is not None)))
+""")
+
+
+def test_artefact_reloads_in_a_fresh_process_with_the_same_logits(tiny, artefacts):
+    model, params = tiny
+    x3 = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
+    for b in (1, 2, 3):
+        np.save(artefacts / f"x{b}.npy", x3[:b])
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(artefacts)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []  # neither was imported
+    got = np.load(artefacts / "out.npz")
+    # One live compile: images are independent (merging is per image), so rows of the batch
+    # of 3 are the live logits for the batches of 1 and 2.
+    live = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x)[0])(x3))
+    assert np.abs(live).max() > 1e-2  # a real comparison, not zeros against zeros
+    for key, b in (("sym1", 1), ("sym3", 3), ("fixed2", 2)):
+        want = live[:b]
+        np.testing.assert_allclose(got[key], want, atol=1e-5, rtol=0)
+    assert bool(got["fixed_rejects_3"])
+
+
+def test_sidecar_records_shape_schedule_and_version(tiny, artefacts):
+    meta = json.loads((artefacts / "sym.jaxexport.json").read_text())
+    assert meta["input"]["shape"] == ["b", 32, 32, 3] and meta["input"]["dtype"] == "float32"
+    assert meta["output"]["shape"] == ["b", 10]
+    assert meta["r"] == R and meta["r_per_block"] == [5, 5]
+    assert meta["tokens_per_block"] == [17, 12, 7]
+    assert meta["variant"] == "S/8" and meta["model"]["dtype"] == "float32"
+    assert meta["jax_version"] == jax.__version__ and meta["platforms"] == ["cpu"]
+    data = (artefacts / "sym.jaxexport").read_bytes()
+    assert meta["bytes"] == len(data)
+    fixed = json.loads((artefacts / "fixed.jaxexport.json").read_text())
+    assert fixed["input"]["shape"] == [2, 32, 32, 3]
+
+
+def test_corrupt_and_truncated_artefacts_give_clear_errors(artefacts, tmp_path):
+    data = (artefacts / "sym.jaxexport").read_bytes()
+    side = (artefacts / "sym.jaxexport.json").read_text()
+    cases = {"truncated": data[: len(data) // 2], "garbage": b"\x00junk" * 100,
+             "flipped": data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]}
+    for name, content in cases.items():
+        # With the sidecar: size / hash checked first.
+        path = tmp_path / f"{name}.jaxexport"
+        path.write_bytes(content)
+        export.sidecar_path(path).write_text(side)
+        with pytest.raises(export.ExportError, match=f"{name}.jaxexport.*(truncated|corrupt)"):
+            export.load_exported(path)
+    for name in ("truncated", "garbage"):
+        # Without it: the deserializer's own failure, wrapped with the file's name.
+        path = tmp_path / f"{name}.jaxexport"
+        export.sidecar_path(path).unlink()
+        with pytest.raises(export.ExportError, match="not a readable jax.export artefact"):
+            export.load_exported(path)
+    with pytest.raises(export.ExportError, match="no exported model"):
+        export.load_exported(tmp_path / "missing.jaxexport")
+    ok = export.load_exported(artefacts / "sym.jaxexport")
+    assert str(ok.in_avals[0].shape[0]) == "b"
+
+
+def test_cli(tiny, tmp_path, capsys):
+    model, params = tiny
+    ckpt = tmp_path / "ckpt"
+    config = {k: TINY[k] for k in ("variant", "num_classes", "width", "depth", "mlp_dim",
+                                   "num_heads")}
+    convert.save_converted(ckpt, convert.flatten(jax.device_get(params)), config, (32, 32))
+    out = tmp_path / "m.jaxexport"
+    assert export.main(["--checkpoint", str(ckpt), "--r", "5", "--out", str(out),
+                        "--batch", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["input"]["shape"] == [3, 32, 32, 3] and printed["r_per_block"] == [5, 5]
+    # Same function as the fixture's artefacts, whose numbers the fresh-process test checks.
+    reloaded = export.load_exported(out)
+    assert reloaded.in_avals[0].shape == (3, 32, 32, 3)
+    assert reloaded.out_avals[0].shape == (3, 10)
+    assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--batch", "0"]) == 1
+    assert "--batch must be >= 1" in capsys.readouterr().err
+    assert export.main(["--checkpoint", str(ckpt), "--out", str(out),
+                        "--image-size", "36"]) == 1
+    assert "not divisible by the patch size" in capsys.readouterr().err
