@@ -236,7 +236,7 @@ def render_grid(rows: Sequence[Sequence[tuple[str, np.ndarray]]], path: str | os
     fig.tight_layout(pad=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, pil_kwargs={"optimize": True})  # smaller files for docs/
     plt.close(fig)
     return path
 
