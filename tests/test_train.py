@@ -1,0 +1,150 @@
+"""The training loop: learning, device-count invariance, exact resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tome_jax import sources
+from train import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["dataset=image_folder", "variant=mu/8", "num_classes=3", "image_size=16",
+        "batch_size=8", "eval_every=0", "log_every=2", "warmup_steps=2", "r=1", "seed=3",
+        "dropout=0.1", "mixup=0.2", "cutmix=0.5", "keep=10"]
+
+# Runs train() in a fresh process (device count and kills need their own process) and writes
+# the final parameters to <workdir>/final.npz.
+DRIVER = """
+import sys, numpy as np, jax
+from train.train import load_config, train
+cfg = load_config(None, sys.argv[2:])
+state = train(cfg, sys.argv[1])
+flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+np.savez(sys.argv[1] + "/final.npz",
+         **{jax.tree_util.keystr(k): np.asarray(jax.device_get(v)) for k, v in flat})
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return sources.write_image_folder(tmp_path_factory.mktemp("data"),
+                                      {"train": 48, "test": 12})
+
+
+def launch(workdir, folder, *overrides, devices=1):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [sys.executable, "-c", DRIVER, str(workdir), *TINY, f"data_dir={folder}", *overrides]
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run(workdir, folder, *overrides, devices=1):
+    proc = launch(workdir, folder, *overrides, devices=devices)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return dict(np.load(Path(workdir) / "final.npz")), out
+
+
+def checkpoint_steps(workdir):
+    """Completed checkpoints (orbax's temporary folders have a suffix)."""
+    folder = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit()) \
+        if folder.exists() else []
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    cfg = T.load_config(None, ["variant=mu/8", "num_classes=3", "image_size=16", "lr=3e-3",
+                               "warmup_steps=1", "steps=40", "drop_path=0", "label_smoothing=0"])
+    model = T.make_model(cfg)
+    images = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    tx = T.make_optimizer(cfg, jax.eval_shape(model.init, jax.random.key(0), images)["params"])
+    state = T.init_state(cfg, model, tx)
+    step = jax.jit(T.make_train_step(model, tx, cfg))
+    batch = {"image": images, "label": jnp.arange(8) % 3}
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_same_parameters_on_1_and_8_devices(folder, tmp_path):
+    one, _ = run(tmp_path / "one", folder, "steps=4", "save_every=100")
+    eight, _ = run(tmp_path / "eight", folder, "steps=4", "save_every=100", devices=8)
+    assert_same(one, eight, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_data_parallel(folder, tmp_path):
+    one, _ = run(tmp_path / "one", folder, "steps=4", "save_every=100", devices=8)
+    fsdp, _ = run(tmp_path / "fsdp", folder, "steps=4", "save_every=100", "fsdp=true",
+                  devices=8)
+    assert_same(one, fsdp, atol=2e-5)
+
+
+def test_sigkill_at_a_random_step_then_resume_is_exact(folder, tmp_path):
+    steps = 10
+    whole, _ = run(tmp_path / "whole", folder, f"steps={steps}", "save_every=1")
+    kill_after = int(np.random.default_rng().integers(2, steps - 2))
+    workdir = tmp_path / "killed"
+    proc = launch(workdir, folder, f"steps={steps}", "save_every=1")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = checkpoint_steps(workdir)
+        if done and max(done) >= kill_after:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (workdir / "final.npz").exists(), "the run finished before it was killed"
+    resumed, _ = run(workdir, folder, f"steps={steps}", "save_every=1")
+    assert_same(whole, resumed)
+
+
+def test_corrupt_latest_checkpoint_falls_back(folder, tmp_path):
+    run(tmp_path, folder, "steps=4", "save_every=2")
+    latest = tmp_path / "checkpoints" / "4"
+    for f in latest.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    (tmp_path / "final.npz").unlink()
+    _, out = run(tmp_path, folder, "steps=6", "save_every=2")
+    assert "checkpoint at step 4 could not be restored" in out
+    assert checkpoint_steps(tmp_path)[-1] == 6
+
+
+def test_unknown_config_key_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\].*'lr'"):
+        T.load_config(None, ["learning_rate=0.1"])
+
+
+def test_batch_not_divisible_by_devices(folder, tmp_path):
+    proc = launch(tmp_path, folder, "steps=2", "batch_size=12", devices=8)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "batch_size 12 is not divisible by the 8 devices" in out
+
+
+def test_workdir_of_another_model_is_refused(folder, tmp_path):
+    run(tmp_path, folder, "steps=2", "save_every=2")
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="another model"):
+        T.train(T.load_config(None, TINY + [f"data_dir={folder}", "width=64"]), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert json.loads((tmp_path / "config.json").read_text())["width"] == 0

@@ -1,0 +1,492 @@
+"""Train or fine-tune a ViT with ToMe merging: sharded, preemption-safe, resumable.
+
+    python -m train.train --config train/configs/cifar10_vit.json --workdir runs/cifar10
+    python -m train.train --config ... --workdir ... --set r=4 lr=3e-4 steps=2000
+
+Sections: config, mesh, input, model and optimizer, sharding, train step, checkpoint, eval,
+loop. The run is a pure function of (config, step): batches come from a seeded stream that can
+start at any batch, and the dropout/mixup key of step s is fold_in(seed, s), so a run killed at
+any point and restarted from its last checkpoint ends with the same parameters as one that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from eval.benchmark import parse_schedule
+from tome_jax import data, sharding
+from tome_jax.vit import ViT
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob of a run. A JSON file sets some; `--set key=value` overrides any."""
+
+    # Model.
+    variant: str = "S/4"
+    width: int = 0  # 0: the variant's
+    depth: int = 0
+    mlp_dim: int = 0
+    num_heads: int = 0
+    num_classes: int = 10
+    image_size: int = 32
+    pool: str = "tok"
+    r: str = "0"  # ToMe schedule: "8", "16,-1" or "[8,8,4]"
+    dropout: float = 0.0
+    drop_path: float = 0.1
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    init_from: str = ""  # a converted checkpoint dir (tome_jax.convert) to fine-tune
+    # Data.
+    dataset: str = "cifar10_jpeg"
+    data_dir: str = ""
+    train_split: str = "train"
+    eval_split: str = "test"
+    normalization: str = "augreg"
+    batch_size: int = 128  # global, over all devices and processes
+    # Optimisation.
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # Beta(a, a) mixup; 0 = off
+    cutmix: float = 0.0  # Beta(a, a) cutmix; 0 = off (with both on, each step picks one)
+    accum_steps: int = 1  # gradient accumulation (optax.MultiSteps)
+    freeze: str = ""  # regex over "a/b/c" parameter paths; matches get no updates
+    # Sharding.
+    fsdp: bool = False  # shard parameters and optimizer state over the devices
+    # Checkpoints, eval, logs.
+    save_every: int = 500
+    keep: int = 3
+    eval_every: int = 1000
+    eval_batch_size: int = 500
+    log_every: int = 50
+    seed: int = 0
+
+
+def load_config(path: str | None, overrides: list[str]) -> Config:
+    """Config from a JSON file plus "key=value" overrides; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {}
+    if path:
+        values.update(json.loads(Path(path).read_text()))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        values[key] = value
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(fields)}")
+    typed = {}
+    for key, value in values.items():
+        kind = type(fields[key].default)
+        if isinstance(value, str) and kind is not str:
+            value = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        typed[key] = str(value) if kind is str else kind(value)
+    return Config(**typed)
+
+
+def model_fingerprint(cfg: Config) -> dict:
+    """The fields that fix parameter shapes: a checkpoint from another model is refused."""
+    keys = ("variant", "width", "depth", "mlp_dim", "num_heads", "num_classes", "image_size",
+            "pool")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh
+# ----------------------------------------------------------------------------------------------
+
+
+def param_sharding(tree: Any, mesh, fsdp: bool) -> Any:
+    """Replicated, or (FSDP) each array split over the mesh along its largest divisible axis."""
+    n = mesh.devices.size
+
+    def one(x):
+        if not fsdp or n == 1:
+            return NamedSharding(mesh, P())
+        for axis in np.argsort(x.shape)[::-1]:
+            if x.shape[axis] % n == 0 and x.shape[axis] >= n:
+                spec = [None] * len(x.shape)
+                spec[axis] = sharding.BATCH_AXIS
+                return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input
+# ----------------------------------------------------------------------------------------------
+
+
+def make_input(cfg: Config, train: bool) -> data.Batches:
+    return data.make_dataset(
+        cfg.dataset, cfg.train_split if train else cfg.eval_split,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        image_size=cfg.image_size, normalization=cfg.normalization, train=train,
+        data_dir=cfg.data_dir or None, shuffle_seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and optimizer
+# ----------------------------------------------------------------------------------------------
+
+
+def make_model(cfg: Config, **overrides) -> ViT:
+    kwargs = dict(variant=cfg.variant, num_classes=cfg.num_classes, r=parse_schedule(cfg.r),
+                  pool=cfg.pool, dropout=cfg.dropout, drop_path=cfg.drop_path,
+                  dtype=jnp.dtype(cfg.dtype), width=cfg.width or None, depth=cfg.depth or None,
+                  mlp_dim=cfg.mlp_dim or None, num_heads=cfg.num_heads or None)
+    kwargs.update(overrides)
+    return ViT(**kwargs)
+
+
+def path_names(tree: Any) -> Any:
+    """The same tree with each leaf replaced by its "a/b/c" path."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), tree)
+
+
+def make_optimizer(cfg: Config, params: Any) -> optax.GradientTransformation:
+    """AdamW, warm-up + cosine, clipping, decay off 1-D params and tokens, optional freezing."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps // cfg.accum_steps, cfg.warmup_steps + 1),
+        cfg.min_lr)
+    names = path_names(params)
+    no_decay = re.compile(r"(^|/)(cls|dist|registers|pos_embedding)$")
+    decay_mask = jax.tree.map(lambda x, n: len(x.shape) > 1 and not no_decay.search(n),
+                              params, names)
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                    mask=decay_mask))
+    if cfg.freeze:
+        frozen = re.compile(cfg.freeze)
+        labels = jax.tree.map(lambda n: "frozen" if frozen.search(n) else "trained", names)
+        if not any(v == "trained" for v in jax.tree.leaves(labels)):
+            raise ValueError(f"freeze={cfg.freeze!r} freezes every parameter")
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    if cfg.accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
+    return tx
+
+
+def init_state(cfg: Config, model: ViT, tx: optax.GradientTransformation) -> dict:
+    """{"step", "params", "opt_state"} on the host (params identical on every process)."""
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    params = jax.jit(model.clone(r=0).init)(jax.random.key(cfg.seed), images)["params"]
+    if cfg.init_from:
+        from tome_jax.convert import load_pretrained
+
+        _, loaded = load_pretrained(cfg.init_from)
+        params = jax.tree.map(jnp.asarray, loaded)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Train step
+# ----------------------------------------------------------------------------------------------
+
+
+def mix_batch(images: jax.Array, labels: jax.Array, key: jax.Array, cfg: Config):
+    """Mixup or cutmix with the batch reversed as partner. labels are one-hot [B, K]."""
+    use_mixup, use_cutmix = cfg.mixup > 0, cfg.cutmix > 0
+    if not (use_mixup or use_cutmix):
+        return images, labels
+    k_lam, k_choice, k_box = jax.random.split(key, 3)
+    alpha = cfg.mixup if use_mixup else cfg.cutmix
+    cut = (jax.random.bernoulli(k_choice) if use_mixup and use_cutmix
+           else jnp.asarray(use_cutmix))
+    alpha = jnp.where(cut, cfg.cutmix or alpha, alpha)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    partner_images, partner_labels = images[::-1], labels[::-1]
+    h, w = images.shape[1:3]
+    # Cutmix: a box of area (1 - lam), lam then corrected to the exact pasted area.
+    cy, cx = jax.random.uniform(k_box, (2,)) * jnp.array([h, w])
+    bh, bw = h * jnp.sqrt(1 - lam), w * jnp.sqrt(1 - lam)
+    ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = ((ys >= cy - bh / 2) & (ys < cy + bh / 2) & (xs >= cx - bw / 2) & (xs < cx + bw / 2))
+    box_lam = 1 - box.mean()
+    mixed_cut = jnp.where(box[None, :, :, None], partner_images, images)
+    mixed_up = lam * images + (1 - lam) * partner_images
+    images = jnp.where(cut, mixed_cut, mixed_up)
+    lam = jnp.where(cut, box_lam, lam)
+    return images, lam * labels + (1 - lam) * partner_labels
+
+
+def make_train_step(model: ViT, tx: optax.GradientTransformation, cfg: Config):
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state["step"])
+        k_mix, k_dropout = jax.random.split(key)
+        labels = jax.nn.one_hot(batch["label"], cfg.num_classes)
+        images, targets = mix_batch(batch["image"], labels, k_mix, cfg)
+        targets = optax.smooth_labels(targets, cfg.label_smoothing)
+
+        def loss_fn(params):
+            logits, _ = model.apply({"params": params}, images, train=True,
+                                    rngs={"dropout": k_dropout})
+            return optax.softmax_cross_entropy(logits, targets).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
+                   "grad_norm": optax.tree.norm(grads)}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def make_manager(workdir: Path, cfg: Config) -> ocp.CheckpointManager:
+    # A kill mid-save leaves a temporary folder, never a half checkpoint: orbax renames the
+    # folder only once it is complete, and cleans the leftovers up on the next start.
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options,
+                                 item_names=("state", "meta"))
+
+
+def check_workdir(workdir: Path, cfg: Config) -> None:
+    """Refuses a workdir whose run trained another model (nothing there is overwritten)."""
+    meta = workdir / "config.json"
+    if meta.exists():
+        previous = json.loads(meta.read_text())
+        mine = model_fingerprint(cfg)
+        theirs = {k: previous.get(k) for k in mine}
+        if theirs != mine:
+            diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
+            raise ValueError(f"workdir {workdir} holds a run of another model (checkpoint vs "
+                             f"config: {diff}); use a new workdir")
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict) -> dict | None:
+    """The newest checkpoint that restores; a corrupt one is skipped with a warning."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
+            return restored["state"]
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
+            warnings.warn(f"checkpoint at step {step} could not be restored ({type(err).__name__}:"
+                          f" {err}); falling back to the previous one", stacklevel=2)
+    return None
+
+
+def save(manager: ocp.CheckpointManager, state: dict, cfg: Config, force: bool = False) -> None:
+    step = int(jax.device_get(state["step"]))
+    try:
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"step": step, **model_fingerprint(cfg)})), force=force)
+    except OSError as err:
+        # A full disk: orbax writes to a temporary folder and renames it when complete, so the
+        # previous checkpoint is intact; keep training and try again at the next save.
+        logging.error("saving step %d failed (%s); the previous checkpoint is kept", step, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval
+# ----------------------------------------------------------------------------------------------
+
+
+def run_eval(cfg: Config, model: ViT, params: Any, mesh) -> dict:
+    from eval.evaluate import evaluate
+
+    result = evaluate(model, params, make_input(cfg, train=False), mesh=mesh,
+                      num_classes=cfg.num_classes)
+    return {"eval_top1": result["top1"], "eval_top5": result["top5"],
+            "eval_count": result["count"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------
+
+
+class MetricLog:
+    """JSONL (always) and TensorBoard event files (process 0)."""
+
+    def __init__(self, workdir: Path):
+        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.tb = None
+        if jax.process_index() == 0:
+            import tensorboardX
+
+            self.tb = tensorboardX.SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> dict:
+    """Trains to cfg.steps (or stop_after steps from the start); returns the final state."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir, cfg)
+
+    mesh = sharding.batch_mesh()
+    n_devices = mesh.devices.size
+    if cfg.batch_size % n_devices:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_devices} "
+                         "devices; training batches are not padded")
+    model = make_model(cfg)
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    abstract_params = jax.eval_shape(model.clone(r=0).init, jax.random.key(0), images)["params"]
+    tx = make_optimizer(cfg, abstract_params)
+    abstract = jax.eval_shape(lambda: init_state(cfg, model, tx))
+    state_sharding = {"step": NamedSharding(mesh, P()),
+                      "params": param_sharding(abstract["params"], mesh, cfg.fsdp),
+                      "opt_state": param_sharding(abstract["opt_state"], mesh, cfg.fsdp)}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sharding)
+
+    manager = make_manager(workdir, cfg)
+    state = restore_latest(manager, abstract)
+    if state is None:
+        state = jax.jit(lambda: init_state(cfg, model, tx), out_shardings=state_sharding)()
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    start = int(jax.device_get(state["step"]))
+
+    batch_sh = sharding.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(model, tx, cfg),
+                         in_shardings=(state_sharding, batch_sh),
+                         out_shardings=(state_sharding, NamedSharding(mesh, P())),
+                         donate_argnums=0)
+    batches = make_input(cfg, train=True).iterate_from(start)
+
+    stop = {"now": False}
+    previous_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):  # preemption: finish the step, save, exit cleanly
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    log = MetricLog(workdir)
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    progress = _progress(start, end)
+    window, t_window = [], time.perf_counter()
+    try:
+        for step in range(start, end):
+            host_batch = next(batches)
+            batch = sharding.global_batch(
+                {"image": host_batch["image"], "label": host_batch["label"]}, mesh)
+            state, metrics = train_step(state, batch)
+            window.append(metrics)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end:
+                metrics = {k: float(np.mean([jax.device_get(m[k]) for m in window]))
+                           for k in window[0]}
+                seconds = time.perf_counter() - t_window
+                metrics.update(lr=float(_lr(cfg, done)), step_time=seconds / len(window),
+                               images_per_s=len(window) * cfg.batch_size / seconds)
+                log.write(done, metrics)
+                progress(done, metrics)
+                window, t_window = [], time.perf_counter()
+            if done % cfg.save_every == 0 or done == end or stop["now"]:
+                save(manager, state, cfg, force=stop["now"] or done == end)
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                log.write(done, run_eval(cfg, model, state["params"], mesh))
+                t_window = time.perf_counter()  # keep eval time out of the step time
+            if stop["now"]:
+                logging.warning("SIGTERM: saved step %d, exiting", done)
+                break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        log.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+        print(file=sys.stderr)
+    return state
+
+
+def _lr(cfg: Config, step: int) -> float:
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps // cfg.accum_steps, cfg.warmup_steps + 1),
+        cfg.min_lr)(step // cfg.accum_steps)
+
+
+def _progress(start: int, end: int):
+    """A one-line console progress bar with ETA (process 0 only)."""
+    t0 = time.perf_counter()
+
+    def show(step: int, metrics: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        frac = (step - start) / max(end - start, 1)
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / max(frac, 1e-9) * (1 - frac)
+        bar = "#" * int(30 * frac)
+        print(f"\r[{bar:<30}] {step}/{end} loss {metrics['loss']:.3f} "
+              f"acc {metrics['accuracy']:.3f} {metrics['images_per_s']:.0f} im/s "
+              f"eta {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="JSON file of Config fields")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config fields")
+    parser.add_argument("--coordinator", help="host:port for multi-process runs")
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    cfg = load_config(args.config, args.set)
+    train(cfg, args.workdir)
+
+
+if __name__ == "__main__":
+    main()
