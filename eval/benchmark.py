@@ -185,8 +185,12 @@ def benchmark_torch(variant: str, batch: int, resolution: int, runs: int, warmup
             model(images)
         return time.perf_counter() - start
 
-    for _ in range(warmup):
+    # Warm up for at least `warmup` calls and a second: right after JAX has run in this
+    # process, torch's first few calls are 10-100x slower (thread pools, oneDNN kernels).
+    start, calls = time.perf_counter(), 0
+    while calls < warmup or (time.perf_counter() - start < 1.0 and calls < 100):
         once()
+        calls += 1
     seconds = statistics.median(once() for _ in range(runs))
     base = ViT(variant=variant, num_classes=1000)
     return dict(r=0, method=TORCH_LABEL, tokens=base.token_schedule(resolution)[1][-1],
