@@ -38,8 +38,26 @@ def test_patch_groups_from_a_hand_made_source():
     np.testing.assert_array_equal(labels, [[0, 1], [2, 0]])  # ids by first appearance
     with pytest.raises(vis.VisError, match="prefix"):
         vis.patch_groups(source, num_prefix=1, grid_hw=(3, 3))
+    twice = source.copy()
+    twice[3, 1] = 1  # p0 in two tokens
     with pytest.raises(vis.VisError, match="partition"):
-        vis.patch_groups(source * 0, num_prefix=1, grid_hw=(2, 2))
+        vis.patch_groups(twice, num_prefix=1, grid_hw=(2, 2))
+    pruned = source[[0, 2, 3]]  # the token holding p1 dropped
+    np.testing.assert_array_equal(vis.patch_groups(pruned, 1, (2, 2)), [[0, -1], [1, 0]])
+
+
+def test_pruned_patches_are_painted_as_dropped(tiny):
+    model, params, image = tiny
+    model = model.clone(strategy="prune")
+    (source,) = vis.merge_sources(model, params, vis.normalize(image)[None], r=6)
+    labels = vis.patch_groups(source[0], 1, (8, 8))
+    assert (labels < 0).sum() == 12 and vis._title("r = 6", 53, labels).endswith("12 dropped")
+    panel = vis.paint_groups(image, labels, border=None)
+    dropped = vis.upsample_labels(labels, (64, 64)) < 0
+    assert (panel[dropped] == vis.DROPPED).all()
+    # Kept patches are single tokens (pruning merges nothing): their own mean colour.
+    keep = np.where(labels.ravel() >= 0, np.arange(64), -1).reshape(8, 8)
+    np.testing.assert_array_equal(panel, vis.paint_groups(image, keep, border=None))
 
 
 def test_painted_groups_carry_the_mean_colour_of_their_pixels(tiny):

@@ -31,6 +31,7 @@ NORMALIZATIONS = {
     "augreg": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # big_vision / AugReg: [-1, 1]
 }
 BORDER = (255, 255, 255)
+DROPPED = (0, 0, 0)  # patches no token holds (the "prune" baseline drops tokens)
 
 
 class VisError(ValueError):
@@ -94,8 +95,9 @@ def patch_groups(source: np.ndarray, num_prefix: int, grid_hw: tuple[int, int]) 
     """source [T', T] 0/1 of one image -> group id per patch [gh, gw] int32.
 
     Ids are 0..G-1 in order of first appearance (row-major), so equal partitions give equal
-    labels whatever order the tokens are in. Prefix tokens (class, distill, registers) are the
-    first num_prefix input columns and are never merged with patches, so they are dropped.
+    labels whatever order the tokens are in; -1 marks a patch no token holds (dropped by the
+    "prune" strategy). Prefix tokens (class, distill, registers) are the first num_prefix input
+    columns and are never merged with patches, so they are left out.
     """
     source = np.asarray(source)
     gh, gw = grid_hw
@@ -104,13 +106,16 @@ def patch_groups(source: np.ndarray, num_prefix: int, grid_hw: tuple[int, int]) 
                        f"tokens + a {gh}x{gw} patch grid")
     patches = source[:, num_prefix:]
     held = patches.sum(axis=0)
-    if not np.all(held == 1):
-        raise VisError("source is not a partition of the patches (each patch must be held by "
-                       f"exactly one token; counts range {held.min()}..{held.max()})")
-    owner = patches.argmax(axis=0)
-    _, first, inverse = np.unique(owner, return_index=True, return_inverse=True)
+    if not np.all((held == 0) | (held == 1)):
+        raise VisError("source is not a partition of the patches (a patch must be held by at "
+                       f"most one token; counts range {held.min()}..{held.max()})")
+    owner = np.where(held == 1, patches.argmax(axis=0), -1)
+    labels = np.full(owner.shape, -1, np.int32)
+    kept = owner >= 0
+    _, first, inverse = np.unique(owner[kept], return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first))  # relabel by first appearance
-    return rank[inverse].reshape(gh, gw).astype(np.int32)
+    labels[kept] = rank[inverse.reshape(-1)]
+    return labels.reshape(gh, gw)
 
 
 def upsample_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -123,11 +128,13 @@ def upsample_labels(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def group_means(image: np.ndarray, pixel_labels: np.ndarray) -> np.ndarray:
-    """Mean colour of each group: image [H, W, 3], labels [H, W] in 0..G-1 -> [G, 3] float64."""
-    flat = pixel_labels.reshape(-1)
-    counts = np.bincount(flat)
-    sums = np.stack([np.bincount(flat, weights=image[..., c].reshape(-1).astype(np.float64),
-                                 minlength=len(counts)) for c in range(3)], axis=-1)
+    """Mean colour of each group: image [H, W, 3], labels [H, W] in -1..G-1 -> [G, 3] float64
+    (-1, dropped pixels, is left out)."""
+    keep = pixel_labels.reshape(-1) >= 0
+    flat = pixel_labels.reshape(-1)[keep]
+    counts = np.bincount(flat, minlength=1)
+    sums = np.stack([np.bincount(flat, weights=image[..., c].reshape(-1)[keep].astype(
+        np.float64), minlength=len(counts)) for c in range(3)], axis=-1)
     return sums / np.maximum(counts, 1)[:, None]
 
 
@@ -146,13 +153,15 @@ def group_borders(pixel_labels: np.ndarray) -> np.ndarray:
 
 def paint_groups(image: np.ndarray, labels: np.ndarray,
                  border: tuple[int, int, int] | None = BORDER) -> np.ndarray:
-    """Each group's pixels in its mean colour, borders between groups.
+    """Each group's pixels in its mean colour, borders between groups, dropped patches
+    (label -1) in DROPPED.
 
     image uint8 [H, W, 3], labels [gh, gw] -> uint8 [H, W, 3].
     """
     pixel_labels = upsample_labels(labels, image.shape[:2])
     means = group_means(image, pixel_labels)
-    out = np.rint(means[pixel_labels]).clip(0, 255).astype(np.uint8)
+    out = np.rint(means[np.maximum(pixel_labels, 0)]).clip(0, 255).astype(np.uint8)
+    out[pixel_labels < 0] = DROPPED
     if border is not None:
         out[group_borders(pixel_labels)] = border
     return out
@@ -241,6 +250,11 @@ def render_grid(rows: Sequence[Sequence[tuple[str, np.ndarray]]], path: str | os
     return path
 
 
+def _title(head: str, tokens: int, labels: np.ndarray) -> str:
+    dropped = int((labels < 0).sum())
+    return f"{head}: {tokens} tokens" + (f", {dropped} dropped" if dropped else "")
+
+
 def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
               normalization: str = "imagenet", layers: Sequence[int] | None = None
               ) -> list[list[tuple[str, np.ndarray]]]:
@@ -258,7 +272,8 @@ def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
         for r in rs:
             (source,) = merge_sources(model, params, x, r)
             labels = patch_groups(source[0], prefix, grid)
-            row.append((f"r = {r}: {source.shape[1]} tokens", paint_groups(image, labels)))
+            row.append((_title(f"r = {r}", source.shape[1], labels),
+                        paint_groups(image, labels)))
         return [row]
     depth = model.size.depth
     bad = [i for i in layers if not 1 <= i <= depth]
@@ -270,7 +285,7 @@ def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
         row = [original]
         for i in layers:
             labels = patch_groups(sources[i - 1][0], prefix, grid)
-            row.append((f"r = {r}, block {i}: {sources[i - 1].shape[1]} tokens",
+            row.append((_title(f"r = {r}, block {i}", sources[i - 1].shape[1], labels),
                         paint_groups(image, labels)))
         rows.append(row)
     return rows
@@ -314,12 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="merges.png")
     p.add_argument("--image-size", type=int, help="default: the checkpoint's, else 224")
     p.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet")
+    p.add_argument("--strategy", help="override the model's token reduction: tome, or the "
+                                      "baselines random / prune (dropped patches in black)")
     p.add_argument("--layers", type=int, nargs="+",
                    help="also show the groups after these blocks (1-based), one row per r")
     a = p.parse_args(argv)
     try:
         model, params, ckpt_size = _load_checkpoint(a.checkpoint)
         check_traceable(model)
+        if a.strategy:
+            model = model.clone(strategy=a.strategy)
         image, note = load_image(a.image, a.image_size or ckpt_size or 224)
         if note:
             print(note, file=sys.stderr)
