@@ -169,6 +169,18 @@ def write_csv(rows: list[Row], path: str | Path) -> None:
             w.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
 
 
+def read_csv(path: str | Path) -> list[Row]:
+    """Rows back from `write_csv` (numbers as floats, tokens as int, empty cells None)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key, value in row.items():
+            if key in ("method", "r"):
+                continue
+            row[key] = None if value == "" else (int(value) if key == "tokens" else float(value))
+    return rows
+
+
 def plot(rows: list[Row], path: str | Path, title: str = "") -> None:
     """quality vs im/s and vs GFLOPs, one line per method through the shared r = 0 point."""
     import matplotlib
@@ -177,7 +189,7 @@ def plot(rows: list[Row], path: str | Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     key = "top1" if rows[0].get("top1") is not None else "fid_mean"
-    label = "top-1 accuracy" if key == "top1" else "cosine fidelity to r = 0 (mean)"
+    label = "top-1 accuracy" if key == "top1" else "cosine similarity to r = 0 features"
     xs = [("im_s", "images / s (measured)"), ("gflops", "GFLOPs per image")]
     xs = [x for x in xs if rows[0].get(x[0]) is not None]
     fig, axes = plt.subplots(1, len(xs), figsize=(6 * len(xs), 4.5), squeeze=False)
@@ -186,7 +198,11 @@ def plot(rows: list[Row], path: str | Path, title: str = "") -> None:
     for ax, (x, xlabel) in zip(axes[0], xs, strict=True):
         for method in methods:
             line = [base] + [row for row in rows[1:] if row["method"] == method]
-            ax.plot([row[x] for row in line], [row[key] for row in line], "o-", label=method)
+            (drawn,) = ax.plot([row[x] for row in line], [row[key] for row in line], "o-",
+                               label=method)
+            if key == "fid_mean":  # the worst image too: a mean can hide a few broken ones
+                ax.plot([row[x] for row in line], [row["fid_min"] for row in line], "x--",
+                        color=drawn.get_color(), alpha=0.5, label=f"{method} (min)")
             for row in line:
                 ax.annotate(str(row["r"]), (row[x], row[key]), textcoords="offset points",
                             xytext=(3, 3), fontsize=7)

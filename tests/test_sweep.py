@@ -89,7 +89,7 @@ def test_baseline_methods_keep_token_counts(method):
     assert rows[2]["fid_mean"] <= 1.0 + 1e-6 and rows[2]["im_s"] is None
 
 
-def test_cli_writes_csv_markdown_and_png(folder, tmp_path):
+def test_cli_writes_csv_markdown_and_png(folder, tmp_path, capsys):
     out = tmp_path / "res" / "sw"
     rows = S.main(CLI + ["--data-dir", str(folder), "--r", "0", "2", "--fidelity",
                          "--out", str(out), "--json"])
@@ -104,11 +104,6 @@ def test_cli_writes_csv_markdown_and_png(folder, tmp_path):
     png = Path(f"{out}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert rows[0]["count"] == N
-
-
-def test_cli_output_lines(folder, tmp_path, capsys):
-    S.main(CLI + ["--data-dir", str(folder), "--r", "2", "--runs", "0",
-                  "--out", str(tmp_path / "x"), "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("sweep done: 2 configurations")
     assert [r["r"] for r in json.loads(lines[-2])] == ["0", "2"]
@@ -148,3 +143,17 @@ def test_checkpoint_class_count_mismatch(folder, tmp_path, capsys):
     # Features need no head of the data's size: fidelity alone runs.
     rows = S.main(argv + ["--no-accuracy", "--fidelity", "--r", "0", "2", "--runs", "0"])
     assert rows[0]["fid_mean"] == pytest.approx(1.0) and rows[1]["top1"] is None
+
+
+def test_csv_round_trip_and_replot(tmp_path):
+    from eval import plots
+
+    rows = [dict(method="-", r="0", tokens=17, gflops=1.0, flops_speedup=1.0, top1=None,
+                 fid_mean=1.0, fid_min=1.0, im_s=10.0, speedup=1.0),
+            dict(method="tome", r="2", tokens=15, gflops=0.8, flops_speedup=1.25, top1=None,
+                 fid_mean=0.98, fid_min=0.9, im_s=12.0, speedup=1.2)]
+    S.write_csv(rows, tmp_path / "a.csv")
+    back = S.read_csv(tmp_path / "a.csv")
+    assert back[1]["tokens"] == 15 and back[1]["fid_min"] == 0.9 and back[1]["top1"] is None
+    plots.main([str(tmp_path / "a.csv"), str(tmp_path / "a.png"), "--title", "t"])
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
