@@ -142,3 +142,6 @@ def test_cli(tiny, tmp_path, capsys):
     assert export.main(["--checkpoint", str(ckpt), "--out", str(out),
                         "--image-size", "36"]) == 1
     assert "not divisible by the patch size" in capsys.readouterr().err
+    assert export.main(["--checkpoint", str(ckpt), "--out", str(out),
+                        "--image-size", "48"]) == 1
+    assert "position embeddings cover 16 patches" in capsys.readouterr().err

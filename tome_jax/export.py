@@ -46,6 +46,12 @@ def export_model(model: Any, params: Any, image_shape: tuple[int | None, int, in
     """
     batch, h, w, c = image_shape
     model.check((1, h, w, c))  # clear errors for bad sizes before tracing
+    patch = model.size.patch_size
+    pos = params.get("pos_embedding") if hasattr(params, "get") else None
+    if pos is not None and pos.shape[1] != (h // patch) * (w // patch):
+        raise ExportError(f"the parameters' position embeddings cover {pos.shape[1]} patches, "
+                          f"a {h}x{w} image has {(h // patch) * (w // patch)}: export at the "
+                          "checkpoint's image size or reconvert it with --image-size")
     params = jax.tree_util.tree_map(jnp.asarray, params)
 
     def forward(images: jax.Array) -> jax.Array:
