@@ -81,6 +81,18 @@ def test_painted_groups_carry_the_mean_colour_of_their_pixels(tiny):
     assert (bordered[~edges] == painted[~edges]).all()
 
 
+def test_prefix_tokens_are_left_out_of_the_groups():
+    # Distill + 2 register tokens beside the class token (DeiT / DINOv2-with-registers layout).
+    model = ViT(**{**TINY, "depth": 1}, distill_token=True, num_registers=2)
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    (source,) = vis.merge_sources(model, params["params"], vis.normalize(image)[None], r=3)
+    assert source.shape == (1, 4 + 16 - 3, 4 + 16)
+    np.testing.assert_array_equal(source[0, :4, :4], np.eye(4))  # prefix tokens untouched
+    labels = vis.patch_groups(source[0], model.num_prefix_tokens, (4, 4))
+    assert labels.min() == 0 and labels.max() + 1 == 16 - 3
+
+
 def test_per_layer_sources_refine_into_coarser_groups(tiny):
     model, params, image = tiny
     x = vis.normalize(image)[None]
