@@ -228,14 +228,12 @@ def merge_sources(model: Any, params: Any, images: np.ndarray, r: Any,
 def render_grid(rows: Sequence[Sequence[tuple[str, np.ndarray]]], path: str | os.PathLike,
                 panel_inches: float = 2.4, dpi: int = 100) -> Path:
     """Writes a PNG grid: rows of (title, uint8 [H, W, 3]) panels. Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; also safe when imported by a GUI program
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no display needed, and a notebook's backend is left alone.
+    from matplotlib.figure import Figure
 
     nrows, ncols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
-                             figsize=(panel_inches * ncols, (panel_inches + 0.3) * nrows))
+    fig = Figure(figsize=(panel_inches * ncols, (panel_inches + 0.3) * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, row in enumerate(rows):
@@ -246,7 +244,6 @@ def render_grid(rows: Sequence[Sequence[tuple[str, np.ndarray]]], path: str | os
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, pil_kwargs={"optimize": True})  # smaller files for docs/
-    plt.close(fig)
     return path
 
 
