@@ -143,6 +143,17 @@ def test_rgb_image_keeps_aspect_with_a_centre_crop(tmp_path):
     assert out[:, 3:17].min() > 200  # the crop is the band, not the whole squashed image
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :20] = 255  # left half white; EXIF orientation 6 shows it rotated 90 degrees CW
+    pil = Image.fromarray(img)
+    exif = pil.getexif()
+    exif[0x0112] = 6
+    pil.save(tmp_path / "phone.jpg", exif=exif)
+    out, _ = vis.load_image(tmp_path / "phone.jpg", 20)
+    assert out[:8].min() > 200 and out[-8:].max() < 50  # white on top, as a viewer shows it
+
+
 def test_undecodable_and_missing_images_name_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8not really a jpeg")

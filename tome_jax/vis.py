@@ -50,7 +50,7 @@ def load_image(path: str | os.PathLike, image_size: int) -> tuple[np.ndarray, st
     and the note says so (RGBA is composited over white, not just stripped of alpha, so
     transparent areas do not turn into whatever colour the file stored under them).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -60,6 +60,7 @@ def load_image(path: str | os.PathLike, image_size: int) -> tuple[np.ndarray, st
         raise VisError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise VisError(f"cannot decode image {path}: {e}") from None
+    img = ImageOps.exif_transpose(img)  # phone photos: show them the way they look
     note = None
     if img.mode != "RGB":
         note = f"note: {path.name} is mode {img.mode!r}, converted to RGB"
