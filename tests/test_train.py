@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,13 +25,18 @@ TINY = ["dataset=image_folder", "variant=mu/8", "num_classes=3", "image_size=16"
 # Runs train() in a fresh process (device count and kills need their own process) and writes
 # the final parameters to <workdir>/final.npz.
 DRIVER = """
-import sys, numpy as np, jax
+import os, sys, numpy as np, jax
+if os.environ.get("COORDINATOR"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(os.environ["COORDINATOR"], 2, int(os.environ["PROCESS_ID"]))
 from train.train import load_config, train
+from tome_jax.sharding import to_host
 cfg = load_config(None, sys.argv[2:])
 state = train(cfg, sys.argv[1])
 flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
-np.savez(sys.argv[1] + "/final.npz",
-         **{jax.tree_util.keystr(k): np.asarray(jax.device_get(v)) for k, v in flat})
+name = "final.npz" if jax.process_count() == 1 else f"final{jax.process_index()}.npz"
+np.savez(os.path.join(sys.argv[1], name),
+         **{jax.tree_util.keystr(k): to_host(v) for k, v in flat})
 """
 
 
@@ -40,10 +46,10 @@ def folder(tmp_path_factory):
                                       {"train": 48, "test": 12})
 
 
-def launch(workdir, folder, *overrides, devices=1):
+def launch(workdir, folder, *overrides, devices=1, **env_extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
+           "TF_CPP_MIN_LOG_LEVEL": "3", **env_extra}
     args = [sys.executable, "-c", DRIVER, str(workdir), *TINY, f"data_dir={folder}", *overrides]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -89,6 +95,21 @@ def test_same_parameters_on_1_and_8_devices(folder, tmp_path):
     one, _ = run(tmp_path / "one", folder, "steps=4", "save_every=100")
     eight, _ = run(tmp_path / "eight", folder, "steps=4", "save_every=100", devices=8)
     assert_same(one, eight, atol=2e-5)
+
+
+def test_two_process_run(folder, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    procs = [launch(tmp_path, folder, "steps=4", "save_every=2", COORDINATOR=f"localhost:{port}",
+                    PROCESS_ID=str(i)) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    a, b = (dict(np.load(tmp_path / f"final{i}.npz")) for i in range(2))
+    assert_same(a, b)  # both processes hold the same replicated parameters
+    assert checkpoint_steps(tmp_path) == [2, 4]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [2, 4] and all(np.isfinite(m["loss"]) for m in logged)
 
 
 @pytest.mark.slow
