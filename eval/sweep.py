@@ -445,8 +445,12 @@ def run(args: argparse.Namespace) -> list[Row]:
     tfds.display_progress_bar(False)
     split = args.split or data.EVAL_SPLITS.get(args.data, "test")
     if args.checkpoint:  # first: it knows the image size
-        model, params, image_size = load_checkpoint(args.checkpoint)
-        image_size = args.image_size or image_size
+        model, params, converted = load_checkpoint(args.checkpoint)
+        image_size = args.image_size or converted
+        if image_size != converted:  # the position embeddings fit one grid only
+            raise ValueError(f"{args.checkpoint} was converted for {converted} px, not "
+                             f"{image_size}; convert again with python -m tome_jax.convert "
+                             f"... --image-size {image_size}")
     else:
         image_size = args.image_size or 224
     batches = data.make_dataset(args.data, split, batch_size=args.batch_size,

@@ -140,6 +140,8 @@ def test_checkpoint_class_count_mismatch(folder, tmp_path, capsys):
     argv = [a for a in CLI if a != "--random-init"] + [
         "--checkpoint", str(ckpt), "--data-dir", str(folder), "--out", str(tmp_path / "x")]
     assert "model has 5 classes but the data has 3" in _error(argv, capsys)
+    assert "converted for 16 px, not 32" in _error(
+        [a if a != "16" else "32" for a in argv], capsys)
     # Features need no head of the data's size: fidelity alone runs.
     rows = S.main(argv + ["--no-accuracy", "--fidelity", "--r", "0", "2", "--runs", "0"])
     assert rows[0]["fid_mean"] == pytest.approx(1.0) and rows[1]["top1"] is None
