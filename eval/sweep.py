@@ -92,11 +92,11 @@ def with_strategy(model: ViT, method: str, r: Schedule) -> ViT:
 
 def plan(model: ViT, image_size: int, schedules: Sequence[Schedule],
          methods: Sequence[str]) -> list[tuple[str, Schedule]]:
-    """(method, r) pairs to run: one shared "-" row per schedule that merges nothing.
+    """(method, r) pairs to run; schedules that merge nothing collapse into one ("-", r) pair.
 
     r = 0 (or any schedule that merges nothing at this resolution) is the same network for
     every method, so it runs once; it is always first, as the reference of speed-ups and
-    fidelity (added when the list lacks it).
+    fidelity (r = 0 is added when the list lacks it).
     """
     idle = [r for r in schedules if not any(model.clone(r=r).token_schedule(image_size)[0])]
     pairs = [("-", idle[0] if idle else 0)]
