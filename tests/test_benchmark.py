@@ -84,6 +84,15 @@ def test_cli_one_table_per_batch_and_dtype(monkeypatch, capsys):
     assert out.count("| 0 | - | 17 |") == 4 and out.count("peak RSS so far:") == 4
 
 
+def test_cli_vs_torch(monkeypatch, capsys):
+    pytest.importorskip("timm")
+    monkeypatch.setattr(B, "benchmark", _fake_rows)
+    B.main(["--variant", "mu/4", "--resolution", "16", "--batch", "2", "--runs", "1",
+            "--vs-torch", "--torch-threads", "1"])
+    out = capsys.readouterr().out
+    assert f"| 0 | {B.TORCH_LABEL} | 17 |" in out and "1 threads, CPU" in out
+
+
 def test_cli_defaults_unchanged(monkeypatch):
     """`python -m eval.benchmark` with no arguments still runs the README's job."""
     seen = {}
