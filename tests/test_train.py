@@ -169,3 +169,22 @@ def test_workdir_of_another_model_is_refused(folder, tmp_path):
         T.train(T.load_config(None, TINY + [f"data_dir={folder}", "width=64"]), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     assert json.loads((tmp_path / "config.json").read_text())["width"] == 0
+
+
+def test_ship_writes_a_loadable_model(folder, tmp_path):
+    from tome_jax.convert import load_pretrained
+    from train.ship import ship
+
+    cfg = T.load_config(None, TINY + [f"data_dir={folder}", "steps=2", "save_every=2"])
+    state = T.train(cfg, tmp_path / "run")
+    out, step = ship(tmp_path / "run", tmp_path / "model")
+    assert step == 2
+    model, params = load_pretrained(out)
+    assert model.num_classes == 3 and model.variant == "mu/8"
+    images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    want, _ = T.make_model(cfg, r=0, dropout=0.0, drop_path=0.0).apply(
+        {"params": state["params"]}, images)
+    got, _ = model.apply({"params": params}, images)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    with pytest.raises(FileExistsError):
+        ship(tmp_path / "run", tmp_path / "model")

@@ -391,8 +391,8 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
     state = restore_latest(manager, abstract)
     if state is None:
         state = jax.jit(lambda: init_state(cfg, model, tx), out_shardings=state_sharding)()
-        if jax.process_index() == 0:
-            (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if jax.process_index() == 0:  # the config of the latest (re)start; the model part is fixed
+        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     start = int(jax.device_get(state["step"]))
 
     batch_sh = sharding.batch_sharding(mesh)

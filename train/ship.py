@@ -1,0 +1,56 @@
+"""Turns a training workdir's last checkpoint into a shippable model directory.
+
+    python -m train.ship --workdir runs/cifar10 --out models/cifar10_vit
+
+Writes the same layout as `python -m tome_jax.convert` (params.msgpack + config.json), so
+`tome_jax.convert.load_pretrained(out)` and every eval/vis/export command read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from tome_jax.convert import flatten, save_converted
+from train.train import Config, load_config, make_model
+
+
+def model_config(cfg: Config) -> dict:
+    """The ViT fields of a training config, as `load_pretrained` expects them."""
+    model = make_model(cfg, r=0, dropout=0.0, drop_path=0.0)
+    fields = dict(variant=model.variant, num_classes=model.num_classes, pool=model.pool)
+    for name in ("width", "depth", "mlp_dim", "num_heads"):
+        if getattr(model, name):
+            fields[name] = getattr(model, name)
+    return fields
+
+
+def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
+    """Writes `out` from the newest checkpoint of `workdir`; returns (out, step)."""
+    workdir = Path(workdir)
+    cfg = load_config(str(workdir / "config.json"), [])
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    state = ocp.StandardCheckpointer().restore(
+        (workdir / "checkpoints" / str(steps[-1]) / "state").resolve())
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten(state["params"]).items()}
+    source = f"train/train.py, {workdir.name} step {steps[-1]} of {cfg.steps}"
+    return save_converted(out, flat, model_config(cfg), (cfg.image_size,) * 2, source), steps[-1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True, help="new directory (must not exist)")
+    args = parser.parse_args(argv)
+    out, step = ship(args.workdir, args.out)
+    print(json.dumps({"out": str(out), "step": step}))
+
+
+if __name__ == "__main__":
+    main()
