@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tome_jax import dtem, prune
 from tome_jax import merge as tome
-from tome_jax import prune
 from tome_jax import schedule as sched
 from tome_jax.variants import ViTSize, decode_variant
 
@@ -47,6 +47,11 @@ class MergeConfig:
     trace_source: bool
     method: str
     strategy: str = "tome"
+    # DTEM training path (`dtem.dtem_soft_step`): soft merges, no token removed.
+    dtem_soft: bool = False
+    dtem_tau1: float = 0.1
+    dtem_tau2: float = 0.1
+    dtem_k: int = 3
 
 
 class MlpBlock(nn.Module):
@@ -177,22 +182,40 @@ class Encoder1DBlock(nn.Module):
     layerscale_init: float | None = None
     approximate_gelu: bool = False
     dtype: Dtype = jnp.float32
+    dtem_dim: int | None = None
 
     @nn.compact
-    def __call__(self, x, size, source, deterministic: bool = True):
+    def __call__(self, x, size, source, deterministic: bool = True, active=None):
+        """(x, size, source) -> the same, or with the DTEM soft path (active [B, n] given)
+        (x, size, source, active [B, n - r]); see `tome_jax.dtem`."""
         # Drop path: the whole residual branch of a sample, rescaled (stochastic depth).
         drop = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2))
         y = nn.LayerNorm(dtype=self.dtype)(x)
+        embed = None
+        if self.dtem_dim is not None:
+            # Stop-gradient: the decoupled embedding reads the block's features and never
+            # changes them, so training it leaves the backbone as it was.
+            embed = nn.Dense(self.dtem_dim, dtype=self.dtype, name=dtem.EMBED_NAME)(
+                jax.lax.stop_gradient(y))
         prune_here = self.merge_cfg.strategy == "prune" and self.r > 0
+        if active is not None:
+            # Soft sizes reach 0: floor them so log(size) stays finite (and its gradient too).
+            attn_size = jnp.maximum(size, dtem.MIN_SIZE)
+        else:
+            attn_size = size if self.merge_cfg.prop_attn else None
         y, metric = MultiHeadDotProductAttention(
-            self.num_heads, dtype=self.dtype, return_cls_attention=prune_here)(
-            y, size if self.merge_cfg.prop_attn else None)
+            self.num_heads, dtype=self.dtype, return_cls_attention=prune_here)(y, attn_size)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         if self.layerscale_init is not None:
             y = LayerScale(self.layerscale_init)(y)
         x = x + drop(y, deterministic)
-        x, size, source = merge_step(x, size, source, metric, self.r, self.merge_cfg,
-                                     self.layer)
+        cfg = self.merge_cfg
+        if active is not None:
+            x, size, active = dtem.dtem_soft_step(x, size, active, embed, self.r,
+                                                  cfg.dtem_tau1, cfg.dtem_tau2, cfg.dtem_k)
+        else:
+            metric = metric if embed is None else embed
+            x, size, source = merge_step(x, size, source, metric, self.r, cfg, self.layer)
         y = nn.LayerNorm(dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, self.dropout, self.approximate_gelu, dtype=self.dtype)(
             y, deterministic)
@@ -200,6 +223,8 @@ class Encoder1DBlock(nn.Module):
         if self.layerscale_init is not None:
             y = LayerScale(self.layerscale_init)(y)
         x = x + drop(y, deterministic)
+        if active is not None:
+            return x, size, source, active
         return x, size, source
 
 
@@ -217,21 +242,30 @@ class Encoder(nn.Module):
     layerscale_init: float | None = None
     approximate_gelu: bool = False
     dtype: Dtype = jnp.float32
+    dtem_dim: int | None = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        size, source = None, None
+        size, source, active = None, None, None
+        batch, tokens = x.shape[:2]
         if self.merge_cfg.trace_source:
-            batch, tokens = x.shape[:2]
             source = jnp.broadcast_to(jnp.eye(tokens, dtype=jnp.float32),
                                       (batch, tokens, tokens))
+        if self.merge_cfg.dtem_soft:
+            size = jnp.ones((batch, tokens, 1), jnp.float32)
+            active = dtem.init_active(batch, tokens, int(self.merge_cfg.class_token)
+                                      + self.merge_cfg.num_extra)
         for i in range(self.depth):
-            x, size, source = Encoder1DBlock(
+            block = Encoder1DBlock(
                 mlp_dim=self.mlp_dim, num_heads=self.num_heads, r=self.rs[i],
                 merge_cfg=self.merge_cfg, layer=i, dropout=self.dropout,
                 drop_path=self.drop_path * i / max(self.depth - 1, 1),
                 layerscale_init=self.layerscale_init, approximate_gelu=self.approximate_gelu,
-                dtype=self.dtype, name=f"encoderblock_{i}")(x, size, source, deterministic)
+                dtype=self.dtype, dtem_dim=self.dtem_dim, name=f"encoderblock_{i}")
+            if active is None:
+                x, size, source = block(x, size, source, deterministic)
+            else:
+                x, size, source, active = block(x, size, source, deterministic, active=active)
         if self.final_norm:
             x = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
         return x, size, source
@@ -256,6 +290,11 @@ class ViT(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     strategy: "tome"; or the baselines "random" (random pairs) and "prune" (drop the tokens the
       class token attends to least), which keep the same token counts per block.
+    dtem_dim: DTEM. Adds a learned merge embedding of this width to every block (`dtem_embed`,
+      see `tome_jax.dtem`; `dtem.default_dim` gives the paper's width) and matches on it instead
+      of the keys. soft_merge: DTEM's training path (needs dtem_dim): differentiable soft
+      merges with temperatures dtem_tau1, dtem_tau2 over the top dtem_k candidates; no token is
+      removed, out["size"] holds fractional sizes for all tokens.
     """
 
     variant: str = "B/16"
@@ -280,6 +319,11 @@ class ViT(nn.Module):
     drop_path: float = 0.0
     merge_method: str = "segment"
     strategy: str = "tome"
+    dtem_dim: int | None = None
+    soft_merge: bool = False
+    dtem_tau1: float = 0.1
+    dtem_tau2: float = 0.1
+    dtem_k: int = 3
 
     def __post_init__(self):
         self.r = sched.canonical(self.r)
@@ -310,6 +354,23 @@ class ViT(nn.Module):
         if self.strategy == "prune" and not self.class_token:
             raise ValueError("strategy='prune' ranks tokens by class-token attention and needs "
                              "class_token=True")
+        if self.dtem_dim is not None:
+            if isinstance(self.dtem_dim, bool) or not isinstance(self.dtem_dim, int) or (
+                    self.dtem_dim <= 0):
+                raise ValueError(f"dtem_dim must be a positive int, got {self.dtem_dim!r}")
+            if self.strategy != "tome":
+                raise ValueError(f"dtem_dim is a merge metric for strategy='tome', not "
+                                 f"{self.strategy!r}")
+        if self.soft_merge:
+            if self.dtem_dim is None:
+                raise ValueError("soft_merge=True is DTEM's training path and needs dtem_dim")
+            if self.trace_source:
+                raise ValueError("trace_source is not supported with soft_merge=True")
+            for name in ("dtem_tau1", "dtem_tau2"):
+                if not getattr(self, name) > 0:
+                    raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            if self.dtem_k < 1:
+                raise ValueError(f"dtem_k must be >= 1, got {self.dtem_k!r}")
         if self.merge_method not in tome.MERGE_METHODS:
             raise ValueError(f"unknown merge_method {self.merge_method!r}; "
                              f"expected one of {tome.MERGE_METHODS}")
@@ -378,12 +439,14 @@ class ViT(nn.Module):
         merge_cfg = MergeConfig(class_token=self.class_token,
                                 num_extra=self.num_prefix_tokens - int(self.class_token),
                                 prop_attn=self.prop_attn, trace_source=self.trace_source,
-                                method=self.merge_method, strategy=self.strategy)
+                                method=self.merge_method, strategy=self.strategy,
+                                dtem_soft=self.soft_merge, dtem_tau1=self.dtem_tau1,
+                                dtem_tau2=self.dtem_tau2, dtem_k=self.dtem_k)
         x, tok_size, source = Encoder(
             depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads, rs=tuple(rs),
             merge_cfg=merge_cfg, final_norm=self.pool != "mae", dropout=self.dropout,
             drop_path=self.drop_path, layerscale_init=self.layerscale_init,
-            approximate_gelu=self.approximate_gelu, dtype=self.dtype,
+            approximate_gelu=self.approximate_gelu, dtype=self.dtype, dtem_dim=self.dtem_dim,
             name="Transformer")(x, deterministic=not train)
         out.update(encoded=x, size=tok_size, source=source)
 
