@@ -86,6 +86,15 @@ def test_soft_merge_conserves_size_over_blocks():
         assert len(set(row)) == len(row) and row.min() >= 1
 
 
+def test_gradient_finite_with_a_zero_embedding():
+    # A zero-initialised class token has a zero embedding; it must not turn gradients into NaN.
+    x, size, metric = tokens(4, num=7)
+    metric = metric.at[:, 0].set(0.0)
+    active = dtem.init_active(2, 7, num_prefix=1)
+    grad = jax.jit(jax.grad(lambda e: soft_step(x, size, active, e, r=2)[0].sum()))(metric)
+    assert np.isfinite(np.asarray(grad)).all() and np.asarray(grad).any()
+
+
 def test_soft_top_r_rows_and_mass():
     scores = jax.random.uniform(jax.random.key(3), (2, 6, 7), minval=-1, maxval=1)
     m = np.asarray(jax.jit(dtem.soft_top_r, static_argnums=(1,))(scores, 3))

@@ -150,9 +150,13 @@ def split_active(active: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def cosine_scores(embedding: jax.Array, a_idx: jax.Array, b_idx: jax.Array) -> jax.Array:
     """embedding [B, T, Cm] -> cosine similarities [B, Na, Nb] of A to B tokens (float32)."""
-    e = embedding.astype(jnp.float32)
-    e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
-    return jnp.einsum("bic,bjc->bij", _gather(e, a_idx), _gather(e, b_idx),
+    def unit(idx):
+        # Not jnp.linalg.norm: its gradient at a zero vector is NaN (a zero-initialised class
+        # token has a zero embedding), and 0 * NaN would still poison the embedding's gradient.
+        e = _gather(embedding, idx).astype(jnp.float32)
+        return e * jax.lax.rsqrt(jnp.maximum((e * e).sum(axis=-1, keepdims=True), 1e-24))
+
+    return jnp.einsum("bic,bjc->bij", unit(a_idx), unit(b_idx),
                       precision=jax.lax.Precision.HIGHEST)
 
 
