@@ -29,24 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from tome_jax import merge as tome
-from tome_jax.schedule import Schedule
+from tome_jax.schedule import Schedule, parse_schedule
 from tome_jax.variants import decode_variant
 from tome_jax.vit import ViT
 
 # big_vision size names -> timm's, for timm.create_model(f"vit_{name}_patch{P}_{res}").
 TIMM_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
 TORCH_LABEL = "timm (PyTorch)"
-
-
-def parse_schedule(text: str) -> Schedule:
-    """ "16" -> 16, "16,-1" -> (16, -1) ramp, "[8,8,4]" -> per-layer list."""
-    text = text.strip()
-    if text.startswith("["):
-        return [int(v) for v in text.strip("[]").split(",") if v.strip()]
-    if "," in text:
-        r, inflect = text.split(",")
-        return (int(r), float(inflect))
-    return int(text)
 
 
 def compile_and_time(fn: Callable, args: Sequence) -> tuple[Callable, float]:

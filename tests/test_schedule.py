@@ -69,3 +69,11 @@ def test_explicit_list_that_cannot_be_met():
 def test_flops_bad_resolution():
     with pytest.raises(ValueError, match="not divisible"):
         schedule.flops("B/16", 225)
+
+
+def test_parse_schedule_text():
+    assert schedule.parse_schedule("16") == 16
+    assert schedule.parse_schedule("16,-1") == (16, -1.0)
+    assert schedule.parse_schedule("[8, 8, 4]") == [8, 8, 4]
+    with pytest.raises(ValueError, match="cannot read the r schedule '1,2,3'"):
+        schedule.parse_schedule("1,2,3")

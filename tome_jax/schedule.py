@@ -90,6 +90,21 @@ def parse_r(r: Schedule, depth: int) -> list[int]:
     return [max(0, int(first + step * i + 1e-9)) for i in range(depth)]
 
 
+def parse_schedule(text: str) -> Schedule:
+    """A schedule from command-line text: "16" -> 16, "16,-1" -> (16, -1.0), "[8,8,4]" -> list."""
+    text = text.strip()
+    try:
+        if text.startswith("["):
+            return [int(v) for v in text.strip("[]").split(",") if v.strip()]
+        if "," in text:
+            r, inflect = text.split(",")
+            return (int(r), float(inflect))
+        return int(text)
+    except ValueError:
+        raise ValueError(f"cannot read the r schedule {text!r}; write 16, 16,-1 (r, inflect) "
+                         "or [8,8,4] (per layer)") from None
+
+
 def max_r(num_tokens: int, protected: int) -> int:
     """Most tokens one bipartite step can merge: half of the unprotected tokens."""
     return max(0, (num_tokens - protected) // 2)

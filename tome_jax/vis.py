@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from tome_jax.schedule import parse_schedule
+
 NORMALIZATIONS = {
     # (mean, std) on [0, 1] pixels.
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm / torchvision / DINOv2
@@ -307,14 +309,11 @@ def _load_checkpoint(path: str) -> tuple[Any, Any, int | None]:
 
 
 def _parse_r(text: str) -> Any:
-    """'16' -> 16; '16,-1' -> (16, -1) (a ramp); JSON lists for per-block schedules."""
+    """'16' -> 16; '16,-1' -> (16, -1.0) (a ramp); '[8,8,4]' per block (`parse_schedule`)."""
     try:
-        value = json.loads(text if text.startswith("[") else f"[{text}]")
-    except json.JSONDecodeError:
+        return parse_schedule(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(f"bad r {text!r}") from None
-    if text.startswith("["):
-        return value
-    return value[0] if len(value) == 1 else tuple(value)
 
 
 def main(argv: list[str] | None = None) -> int:

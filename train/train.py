@@ -32,8 +32,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eval.benchmark import parse_schedule
 from tome_jax import data, sharding
+from tome_jax.schedule import parse_schedule
 from tome_jax.vit import ViT
 
 # ----------------------------------------------------------------------------------------------
