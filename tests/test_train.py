@@ -188,3 +188,26 @@ def test_ship_writes_a_loadable_model(folder, tmp_path):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
     with pytest.raises(FileExistsError):
         ship(tmp_path / "run", tmp_path / "model")
+
+
+def test_modular_dtem_training_leaves_the_backbone_bit_identical(folder, tmp_path):
+    from tome_jax.convert import flatten, load_pretrained
+    from train.ship import ship
+
+    backbone = TINY + [f"data_dir={folder}", "steps=2", "save_every=2", "depth=2"]
+    T.train(T.load_config(None, backbone), tmp_path / "backbone")
+    ship(tmp_path / "backbone", tmp_path / "model")
+    _, before = load_pretrained(tmp_path / "model")
+    cfg = T.load_config(None, backbone + [
+        f"init_from={tmp_path / 'model'}", "dtem_dim=8", "soft_merge=true", "steps=3",
+        "freeze=^(?!.*dtem_embed)", "lr=1e-2", "warmup_steps=1"])
+    state = T.train(cfg, tmp_path / "dtem")
+    after = flatten(jax.device_get(state["params"]))
+    before = flatten(before)
+    embeds = [k for k in after if "dtem_embed" in k]
+    assert embeds and set(after) - set(embeds) == set(before)
+    for k, v in before.items():
+        np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(v), err_msg=k)
+    init = flatten(T.init_state(cfg, T.make_model(cfg), T.make_optimizer(
+        cfg, state["params"]))["params"])
+    assert any(not np.array_equal(np.asarray(after[k]), np.asarray(init[k])) for k in embeds)

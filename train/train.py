@@ -59,6 +59,10 @@ class Config:
     drop_path: float = 0.1
     dtype: str = "float32"  # compute dtype; parameters stay float32
     init_from: str = ""  # a converted checkpoint dir (tome_jax.convert) to fine-tune
+    dtem_dim: int = 0  # DTEM merge-embedding width; 0 = ToMe on the keys
+    soft_merge: bool = False  # DTEM's relaxed merging while training (eval stays hard)
+    dtem_tau1: float = 0.1
+    dtem_tau2: float = 0.1
     # Data.
     dataset: str = "cifar10_jpeg"
     data_dir: str = ""
@@ -117,7 +121,7 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
 def model_fingerprint(cfg: Config) -> dict:
     """The fields that fix parameter shapes: a checkpoint from another model is refused."""
     keys = ("variant", "width", "depth", "mlp_dim", "num_heads", "num_classes", "image_size",
-            "pool")
+            "pool", "dtem_dim")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -165,7 +169,9 @@ def make_model(cfg: Config, **overrides) -> ViT:
     kwargs = dict(variant=cfg.variant, num_classes=cfg.num_classes, r=parse_schedule(cfg.r),
                   pool=cfg.pool, dropout=cfg.dropout, drop_path=cfg.drop_path,
                   dtype=jnp.dtype(cfg.dtype), width=cfg.width or None, depth=cfg.depth or None,
-                  mlp_dim=cfg.mlp_dim or None, num_heads=cfg.num_heads or None)
+                  mlp_dim=cfg.mlp_dim or None, num_heads=cfg.num_heads or None,
+                  dtem_dim=cfg.dtem_dim or None, soft_merge=cfg.soft_merge,
+                  dtem_tau1=cfg.dtem_tau1, dtem_tau2=cfg.dtem_tau2)
     kwargs.update(overrides)
     return ViT(**kwargs)
 
@@ -200,15 +206,32 @@ def make_optimizer(cfg: Config, params: Any) -> optax.GradientTransformation:
     return tx
 
 
+def overlay_params(params: Any, path: str) -> Any:
+    """params with every tensor of a converted checkpoint put in place.
+
+    Parameters the checkpoint lacks keep their initial values: that is how a DTEM embedding
+    starts fresh beside a pretrained backbone.
+    """
+    from tome_jax.convert import flatten, load_pretrained, unflatten
+
+    _, loaded = load_pretrained(path)
+    flat = flatten(params)
+    for key, value in flatten(loaded).items():
+        if key not in flat:
+            raise ValueError(f"init_from {path}: {key!r} is not a parameter of this model")
+        if tuple(flat[key].shape) != tuple(value.shape):
+            raise ValueError(f"init_from {path}: {key!r} has shape {tuple(value.shape)}, the "
+                             f"model {tuple(flat[key].shape)}")
+        flat[key] = jnp.asarray(value)
+    return unflatten(flat)
+
+
 def init_state(cfg: Config, model: ViT, tx: optax.GradientTransformation) -> dict:
     """{"step", "params", "opt_state"} on the host (params identical on every process)."""
     images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     params = jax.jit(model.clone(r=0).init)(jax.random.key(cfg.seed), images)["params"]
     if cfg.init_from:
-        from tome_jax.convert import load_pretrained
-
-        _, loaded = load_pretrained(cfg.init_from)
-        params = jax.tree.map(jnp.asarray, loaded)
+        params = overlay_params(params, cfg.init_from)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
@@ -287,7 +310,8 @@ def check_workdir(workdir: Path, cfg: Config) -> None:
     if meta.exists():
         previous = json.loads(meta.read_text())
         mine = model_fingerprint(cfg)
-        theirs = {k: previous.get(k) for k in mine}
+        defaults = Config()  # a key added since that run was written has its default there
+        theirs = {k: previous.get(k, getattr(defaults, k)) for k in mine}
         if theirs != mine:
             diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
             raise ValueError(f"workdir {workdir} holds a run of another model (checkpoint vs "
@@ -327,7 +351,9 @@ def save(manager: ocp.CheckpointManager, state: dict, cfg: Config, force: bool =
 def run_eval(cfg: Config, model: ViT, params: Any, mesh) -> dict:
     from eval.evaluate import evaluate
 
-    result = evaluate(model, params, make_input(cfg, train=False), mesh=mesh,
+    # DTEM's soft merging is for training; evaluation uses the hard matching, as at inference.
+    result = evaluate(model.clone(soft_merge=False), params, make_input(cfg, train=False),
+                      mesh=mesh,
                       num_classes=cfg.num_classes)
     return {"eval_top1": result["top1"], "eval_top5": result["top5"],
             "eval_count": result["count"]}
