@@ -35,8 +35,9 @@ cfg = load_config(None, sys.argv[2:])
 state = train(cfg, sys.argv[1])
 flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
 name = "final.npz" if jax.process_count() == 1 else f"final{jax.process_index()}.npz"
-np.savez(os.path.join(sys.argv[1], name),
-         **{jax.tree_util.keystr(k): to_host(v) for k, v in flat})
+# One process sees every shard (FSDP too); across processes the parameters are replicated.
+get = (lambda v: np.asarray(jax.device_get(v))) if jax.process_count() == 1 else to_host
+np.savez(os.path.join(sys.argv[1], name), **{jax.tree_util.keystr(k): get(v) for k, v in flat})
 """
 
 
