@@ -150,12 +150,18 @@ def merge_step(x: jax.Array, size: jax.Array | None, source: jax.Array | None,
     size, size_extra = _set_aside(size, start, cfg.num_extra)
     source, source_extra = _set_aside(source, start, cfg.num_extra)
     metric, _ = _set_aside(metric, start, cfg.num_extra)
+    x, size, source = _reduce_tokens(x, size, source, metric, r, cfg, layer)
+    return (_put_back(x, x_extra, start), _put_back(size, size_extra, start),
+            _put_back(source, source_extra, start))
+
+
+def _reduce_tokens(x: jax.Array, size: jax.Array, source: jax.Array | None, metric: jax.Array,
+                   r: int, cfg: MergeConfig, layer: int):
+    """Removes r tokens by cfg.strategy from tokens that all take part in matching."""
     if cfg.strategy == "prune":
         keep = prune.keep_indices(metric, r)
-        x, size = prune.gather_tokens(x, keep), prune.gather_tokens(size, keep)
         source = None if source is None else prune.gather_tokens(source, keep)
-        return (_put_back(x, x_extra, start), _put_back(size, size_extra, start),
-                _put_back(source, source_extra, start))
+        return prune.gather_tokens(x, keep), prune.gather_tokens(size, keep), source
     if cfg.strategy == "random":
         # A fixed key per block: the same random pairs on every call, so evaluation is
         # deterministic, and different pairs for each image of a batch.
@@ -165,8 +171,7 @@ def merge_step(x: jax.Array, size: jax.Array | None, source: jax.Array | None,
     if source is not None:
         source = tome.merge_source(merge, x, source)
     x, size = tome.merge_wavg(merge, x, size)
-    return (_put_back(x, x_extra, start), _put_back(size, size_extra, start),
-            _put_back(source, source_extra, start))
+    return x, size, source
 
 
 class Encoder1DBlock(nn.Module):
