@@ -182,11 +182,16 @@ def path_names(tree: Any) -> Any:
         lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), tree)
 
 
-def make_optimizer(cfg: Config, params: Any) -> optax.GradientTransformation:
-    """AdamW, warm-up + cosine, clipping, decay off 1-D params and tokens, optional freezing."""
-    schedule = optax.warmup_cosine_decay_schedule(
+def lr_schedule(cfg: Config) -> optax.Schedule:
+    """Warm-up then cosine decay, counted in optimizer updates (micro-steps / accum_steps)."""
+    return optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps // cfg.accum_steps, cfg.warmup_steps + 1),
         cfg.min_lr)
+
+
+def make_optimizer(cfg: Config, params: Any) -> optax.GradientTransformation:
+    """AdamW, warm-up + cosine, clipping, decay off 1-D params and tokens, optional freezing."""
+    schedule = lr_schedule(cfg)
     names = path_names(params)
     no_decay = re.compile(r"(^|/)(cls|dist|registers|pos_embedding)$")
     decay_mask = jax.tree.map(lambda x, n: len(x.shape) > 1 and not no_decay.search(n),
@@ -438,6 +443,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
     log = MetricLog(workdir)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     progress = _progress(start, end)
+    schedule = lr_schedule(cfg)  # for the log; the optimizer holds its own
     window, t_window = [], time.perf_counter()
     try:
         for step in range(start, end):
@@ -451,7 +457,8 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                 metrics = {k: float(np.mean([jax.device_get(m[k]) for m in window]))
                            for k in window[0]}
                 seconds = time.perf_counter() - t_window
-                metrics.update(lr=float(_lr(cfg, done)), step_time=seconds / len(window),
+                metrics.update(lr=float(schedule(done // cfg.accum_steps)),
+                               step_time=seconds / len(window),
                                images_per_s=len(window) * cfg.batch_size / seconds)
                 log.write(done, metrics)
                 progress(done, metrics)
@@ -471,12 +478,6 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
         signal.signal(signal.SIGTERM, previous_handler)
         print(file=sys.stderr)
     return state
-
-
-def _lr(cfg: Config, step: int) -> float:
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps // cfg.accum_steps, cfg.warmup_steps + 1),
-        cfg.min_lr)(step // cfg.accum_steps)
 
 
 def _progress(start: int, end: int):
