@@ -9,21 +9,14 @@ layers with the NumPy re-derivation of the merge inserted (tests/timm_reference.
 import jax
 import numpy as np
 import timm
-import torch
 
-from tests.timm_reference import timm_forward_with_tome, timm_to_params
+from tests.timm_reference import timm_forward_with_tome, timm_to_params, vit_b16_r0_logits
 from tome_jax import ViT
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    ref = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-    torch.nn.init.normal_(ref.head.weight, std=0.02)
-    x = np.random.default_rng(1).standard_normal((2, 224, 224, 3)).astype(np.float32)
-    with torch.no_grad():
-        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-    ours, _ = jax.jit(ViT(variant="B/16").apply)({"params": timm_to_params(ref)}, x)
-    print(f"ViT-B/16 r=0: max abs logit difference {np.abs(np.asarray(ours) - want).max():.2e}"
+    ours, want = vit_b16_r0_logits()
+    print(f"ViT-B/16 r=0: max abs logit difference {np.abs(ours - want).max():.2e}"
           f" (logit std {want.std():.2f})")
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
                             img_size=96).eval()

@@ -97,19 +97,13 @@ def test_merged_forward_matches_timm_blocks_with_numpy_merge():
 
 
 def test_r0_matches_timm_vit_base_patch16_224():
-    timm = pytest.importorskip("timm")
-    torch = pytest.importorskip("torch")
-    from tests.timm_reference import timm_to_params
+    pytest.importorskip("timm")
+    pytest.importorskip("torch")
+    from tests.timm_reference import vit_b16_r0_logits
 
-    torch.manual_seed(0)
-    ref_model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-    torch.nn.init.normal_(ref_model.head.weight, std=0.02)
-    images = np.random.default_rng(1).standard_normal((2, 224, 224, 3)).astype(np.float32)
-    with torch.no_grad():
-        want = ref_model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-    ours, _ = jax.jit(ViT(variant="B/16").apply)({"params": timm_to_params(ref_model)}, images)
+    ours, want = vit_b16_r0_logits()
     assert np.abs(want).std() > 1e-2
-    assert np.abs(np.asarray(ours) - want).max() <= 1e-4
+    assert np.abs(ours - want).max() <= 1e-4
 
 
 def test_no_retrace_and_finite_gradients():

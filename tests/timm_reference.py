@@ -74,3 +74,20 @@ def timm_forward_with_tome(model, images_nhwc: np.ndarray, rs: list[int]) -> np.
         x = x + blk.mlp(blk.norm2(x))
     x = model.norm(x)
     return model.head(x[:, 0]).numpy()
+
+
+@torch.no_grad()
+def vit_b16_r0_logits() -> tuple[np.ndarray, np.ndarray]:
+    """(ours, timm's) logits of ViT-B/16 at r = 0 on the same random weights and images."""
+    import jax
+    import timm
+
+    from tome_jax import ViT
+
+    torch.manual_seed(0)
+    ref_model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    torch.nn.init.normal_(ref_model.head.weight, std=0.02)  # timm zero-inits the head
+    images = np.random.default_rng(1).standard_normal((2, 224, 224, 3)).astype(np.float32)
+    want = ref_model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    ours, _ = jax.jit(ViT(variant="B/16").apply)({"params": timm_to_params(ref_model)}, images)
+    return np.asarray(ours), want
