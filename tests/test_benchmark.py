@@ -5,13 +5,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-try:
-    # torchvision (which timm imports) segfaults here when it is imported after TensorFlow;
-    # importing it at collection time loads it first (test_sweep pulls in TensorFlow).
-    import timm  # noqa: F401
-except ImportError:
-    timm = None
-
 from eval import benchmark as B
 
 
@@ -56,7 +49,7 @@ def test_timm_reference_row():
 
 
 def test_timm_names():
-    pytest.importorskip("timm")
+    timm = pytest.importorskip("timm")
     model = B.timm_vit("Ti/16", 32, num_classes=10)
     assert model.default_cfg["architecture"] == "vit_tiny_patch16_224"
     assert model.patch_embed.img_size == (32, 32) and model.embed_dim == 192
