@@ -152,6 +152,44 @@ def test_corrupt_latest_checkpoint_falls_back(folder, tmp_path):
     assert checkpoint_steps(tmp_path)[-1] == 6
 
 
+# Trains to a first checkpoint, then makes the kernel refuse large writes (RLIMIT_FSIZE: a
+# write past the limit fails with EFBIG, as a full disk fails with ENOSPC) and trains on.
+FULL_DISK_DRIVER = """
+import resource, signal, sys
+from train.train import CheckpointError, load_config, train
+cfg = load_config(None, sys.argv[3:])
+train(cfg, sys.argv[1], stop_after=2)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+try:
+    state = train(cfg, sys.argv[1])
+    print("RESULT finished at step", int(state["step"]))
+except CheckpointError as err:
+    print("RESULT CheckpointError:", err)
+"""
+
+
+def test_failed_writes_during_save_keep_the_previous_checkpoint(folder, tmp_path):
+    steps = ["steps=6", "save_every=2"]
+    whole, _ = run(tmp_path / "whole", folder, *steps)
+    workdir = tmp_path / "full"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # 8 KB: the logs and config fit, a checkpoint's array files do not.
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER, str(workdir), "8192", *TINY,
+                           f"data_dir={folder}", *steps], env=env, cwd=ROOT, text=True,
+                          capture_output=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "saving a checkpoint failed" in out and "step 2, is kept" in out, out
+    assert "RESULT CheckpointError: the checkpoint of step 6 could not be written" in out, out
+    assert checkpoint_steps(workdir) == [2]
+    assert not list((workdir / "checkpoints").glob("*tmp*")), "half-written folders left"
+    resumed, _ = run(workdir, folder, *steps)  # room again: resumes from step 2
+    assert checkpoint_steps(workdir)[-1] == 6
+    assert_same(whole, resumed)
+
+
 def test_unknown_config_key_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\].*'lr'"):
         T.load_config(None, ["learning_rate=0.1"])

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import signal
 import sys
 import time
@@ -336,16 +337,47 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict) -> dict
     return None
 
 
-def save(manager: ocp.CheckpointManager, state: dict, cfg: Config, force: bool = False) -> None:
+class CheckpointError(RuntimeError):
+    """The run's last checkpoint could not be written (the previous complete one is kept)."""
+
+
+def save(manager: ocp.CheckpointManager, state: dict, cfg: Config, force: bool = False) -> bool:
+    """Starts an async save of `state`; False if it or the save still in flight failed.
+
+    A failed save (a full disk, a lost mount) never costs the previous checkpoint: orbax writes
+    to a temporary folder and renames it only once complete. Training goes on and the next save
+    tries again.
+    """
+    ok = wait_for_saves(manager)
     step = int(jax.device_get(state["step"]))
     try:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"step": step, **model_fingerprint(cfg)})), force=force)
-    except OSError as err:
-        # A full disk: orbax writes to a temporary folder and renames it when complete, so the
-        # previous checkpoint is intact; keep training and try again at the next save.
-        logging.error("saving step %d failed (%s); the previous checkpoint is kept", step, err)
+    except Exception as err:  # noqa: BLE001 - orbax raises OSError or tensorstore's ValueError
+        _report_failed_save(manager, err)
+        return False
+    return ok
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> bool:
+    """Waits for the background save; False (logged, temporary files removed) if it failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as err:  # noqa: BLE001 - see save()
+        _report_failed_save(manager, err)
+        return False
+    return True
+
+
+def _report_failed_save(manager: ocp.CheckpointManager, err: Exception) -> None:
+    saved = [p for p in Path(manager.directory).iterdir() if p.name.isdigit()]
+    latest = max((int(p.name) for p in saved), default=None)
+    logging.error("saving a checkpoint failed (%s: %s); the latest complete checkpoint, step %s,"
+                  " is kept", type(err).__name__, str(err).splitlines()[0][:300], latest)
+    if jax.process_index() == 0:  # free the half-written folder so the next save has room
+        for tmp in Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,6 +477,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
     progress = _progress(start, end)
     schedule = lr_schedule(cfg)  # for the log; the optimizer holds its own
     window, t_window = [], time.perf_counter()
+    saved = True
     try:
         for step in range(start, end):
             host_batch = next(batches)
@@ -464,7 +497,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                 progress(done, metrics)
                 window, t_window = [], time.perf_counter()
             if done % cfg.save_every == 0 or done == end or stop["now"]:
-                save(manager, state, cfg, force=stop["now"] or done == end)
+                saved = save(manager, state, cfg, force=stop["now"] or done == end)
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 log.write(done, run_eval(cfg, model, state["params"], mesh))
                 t_window = time.perf_counter()  # keep eval time out of the step time
@@ -472,11 +505,16 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                 logging.warning("SIGTERM: saved step %d, exiting", done)
                 break
     finally:
-        manager.wait_until_finished()
+        saved = wait_for_saves(manager) and saved
         manager.close()
         log.close()
         signal.signal(signal.SIGTERM, previous_handler)
         print(file=sys.stderr)
+    if not saved:
+        raise CheckpointError(
+            f"the checkpoint of step {int(jax.device_get(state['step']))} could not be written"
+            " (see the error above); the latest complete one is kept: free space and rerun the"
+            " same command to resume from it")
     return state
 
 
