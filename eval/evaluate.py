@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tome_jax import sharding
+from tome_jax import convert, sharding
+from tome_jax.schedule import parse_schedule
 from tome_jax.vit import ViT
 
 Params = Any
@@ -151,11 +152,11 @@ def evaluate(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]
 
 
 def parse_r(text: str):
-    """"8" -> 8; "8,-1" -> (8, -1) (r, inflect); "a,b,c,..." (not 2) -> per-layer list."""
-    values = [int(v) for v in text.split(",")]
-    if len(values) == 1:
-        return values[0]
-    return tuple(values) if len(values) == 2 else values
+    """"8" -> 8; "8,-1" -> (8, -1.0) (r, inflect); "[8,8,4]" -> per layer (`parse_schedule`)."""
+    try:
+        return parse_schedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def random_params(model: ViT, image_size: int, seed: int = 0) -> Params:
@@ -202,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="source location (see tome_jax.sources)")
     p.add_argument("--normalization", default="augreg", choices=tuple(data.NORMALIZATIONS))
     p.add_argument("--eval-crop", type=float, default=None)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: a converted checkpoint's, else 224")
     p.add_argument("--batch-size", type=int, default=256, help="global batch")
     p.add_argument("--variant", default="B/16")
-    p.add_argument("--r", type=parse_r, default=0, help="ToMe r: 8 | 8,-1 | r0,r1,...")
+    p.add_argument("--r", type=parse_r, default=0,
+                   help="ToMe r: 8 | 8,-1 (r, inflect) | [8,8,4] (per layer)")
     p.add_argument("--width", type=int)
     p.add_argument("--depth", type=int)
     p.add_argument("--mlp-dim", type=int)
@@ -213,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="tok")
     p.add_argument("--num-classes", type=int, default=None,
                    help="model classes; default the dataset's")
-    p.add_argument("--checkpoint", default=None, help="params checkpoint; default random weights")
+    p.add_argument("--checkpoint", default=None,
+                   help="a model directory (tome_jax.convert / train.ship: its config fixes "
+                        "the architecture and image size) or an orbax params tree; default "
+                        "random weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--report-rss", action="store_true", help="print peak host RSS (MiB)")
     p.add_argument("--dump-logits", default=None, help="save logits/index (.npz, process 0)")
@@ -238,23 +244,35 @@ def main(argv: list[str] | None = None, load_params: ParamsLoader | None = None)
 
     tfds.display_progress_bar(False)
     split = args.split or data.EVAL_SPLITS.get(args.data, "test")
+    converted = args.checkpoint and load_params is None and os.path.isfile(
+        os.path.join(args.checkpoint, convert.CONFIG_FILE))
+    if converted:  # the directory knows its model and image size
+        model, params, image_hw = convert.load_converted(args.checkpoint, r=args.r)
+        image_size = image_hw[0] if image_hw else (args.image_size or 224)
+        if args.image_size and args.image_size != image_size:  # posembs fit one grid only
+            raise ValueError(f"{args.checkpoint} was converted for {image_size} px, not "
+                             f"{args.image_size}; convert again with --image-size")
+    else:
+        image_size = args.image_size or 224
     batches = data.make_dataset(args.data, split, batch_size=args.batch_size,
-                                image_size=args.image_size, normalization=args.normalization,
+                                image_size=image_size, normalization=args.normalization,
                                 data_dir=args.data_dir, eval_crop=args.eval_crop)
     num_classes = args.num_classes or batches.num_classes
-    model = ViT(variant=args.variant, num_classes=num_classes, r=args.r, width=args.width,
-                depth=args.depth, mlp_dim=args.mlp_dim, num_heads=args.num_heads, pool=args.pool)
-    if args.checkpoint:
+    if not converted:
+        model = ViT(variant=args.variant, num_classes=num_classes, r=args.r, width=args.width,
+                    depth=args.depth, mlp_dim=args.mlp_dim, num_heads=args.num_heads,
+                    pool=args.pool)
+    if args.checkpoint and not converted:
         params = (load_params or load_orbax_params)(args.checkpoint, model)
-    else:
-        params = random_params(model, args.image_size, args.seed)
+    elif not args.checkpoint:
+        params = random_params(model, image_size, args.seed)
     result = evaluate(model, params, batches, return_logits=bool(args.dump_logits))
     result.update(data=args.data, split=split, devices=jax.device_count(),
                   processes=jax.process_count(), batch_size=args.batch_size,
-                  gflops_per_image=model.flops(args.image_size) / 1e9)
+                  gflops_per_image=model.flops(image_size) / 1e9)
     if args.report_rss:
         result["peak_rss_mib"] = peak_rss_mib()
-        result["batch_mib"] = batches.batch_size * args.image_size ** 2 * 3 * 4 / 2 ** 20
+        result["batch_mib"] = batches.batch_size * image_size ** 2 * 3 * 4 / 2 ** 20
     if args.dump_logits and jax.process_index() == 0:
         np.savez(args.dump_logits, logits=result["logits"], index=result["index"])
     result.pop("logits", None)

@@ -425,13 +425,8 @@ def load_checkpoint(path: str | Path) -> tuple[ViT, Params, int]:
     """(model, params, image size it was converted for) from a `tome_jax.convert` directory."""
     from tome_jax import convert
 
-    path = Path(path)
-    if not (path / convert.CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a directory written by python -m "
-                                f"tome_jax.convert (no {convert.CONFIG_FILE})")
-    model, params = convert.load_pretrained(path)
-    meta = json.loads((path / convert.CONFIG_FILE).read_text())
-    return model, params, int(meta.get("image_size", [224])[0])
+    model, params, image_hw = convert.load_converted(path)
+    return model, params, (image_hw or (224, 224))[0]
 
 
 def run(args: argparse.Namespace) -> list[Row]:

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -589,3 +590,32 @@ def test_jit_forward_of_converted_params(tiny_checkpoint):
         out = jax.jit(lambda p, im: model.apply({"params": p}, im)[0])(
             params, x.transpose(0, 2, 3, 1))
     assert_parity(np.asarray(out), torch_forward(ref, x))
+
+
+def test_load_converted_names_what_is_wrong(tmp_path):
+    from tome_jax import dtem
+
+    model = ViT(variant="mu/4", num_classes=3, dtem_dim=8)
+    x = jnp.zeros((1, 16, 16, 3))
+    flat = C.flatten(jax.device_get(model.init(jax.random.key(0), x)["params"]))
+    ok = C.save_converted(tmp_path / "ok", flat, {"variant": "mu/4", "num_classes": 3,
+                                                  "dtem_dim": 8}, (16, 16))
+    loaded, params, image_hw = C.load_converted(ok, r=2)
+    assert loaded.dtem_dim == 8 and loaded.r == 2 and image_hw == (16, 16)
+    # The DTEM embeddings without dtem_dim in the config: refused, not silently ignored.
+    no_dtem = C.save_converted(tmp_path / "no_dtem", flat, {"variant": "mu/4",
+                                                            "num_classes": 3}, (16, 16))
+    with pytest.raises(C.CheckpointError, match=f"unexpected.*{dtem.EMBED_NAME}"):
+        C.load_converted(no_dtem)
+    other = C.save_converted(tmp_path / "other", flat, {"variant": "mu/4", "num_classes": 5,
+                                                        "dtem_dim": 8}, (16, 16))
+    with pytest.raises(C.CheckpointError, match=r"head/kernel \(.*3\) vs \(.*5\)"):
+        C.load_converted(other)
+    with pytest.raises(C.CheckpointError, match="not a converted.*config.json is missing"):
+        C.load_converted(tmp_path)
+    (ok / C.PARAMS_FILE).write_bytes(b"\xc1 not msgpack")
+    with pytest.raises(C.CheckpointError, match="corrupt"):
+        C.load_converted(ok)
+    (other / C.CONFIG_FILE).write_text('{"model": {"variant": "mu/4", "bogus": 1}}')
+    with pytest.raises(C.CheckpointError, match="does not describe a tome_jax ViT"):
+        C.load_converted(other)

@@ -143,3 +143,21 @@ def test_same_result_on_1_and_8_devices_and_2_processes(folder, tmp_path):
         np.testing.assert_array_equal(got["index"], ref["index"])
         np.testing.assert_allclose(got["logits"], ref["logits"], atol=1e-5)
     assert one["count"] == N
+
+
+def test_cli_reads_a_converted_model_directory(folder, tmp_path):
+    """The directory's config fixes the model and image size; --r still applies."""
+    from tome_jax import convert
+
+    model = ViT(variant="mu/4", num_classes=3)
+    params = ev.random_params(model, 16, seed=5)
+    ckpt = convert.save_converted(tmp_path / "m", convert.flatten(params),
+                                  {"variant": "mu/4", "num_classes": 3}, (16, 16))
+    argv = ["--data", "image_folder", "--split", "test", "--data-dir", str(folder),
+            "--batch-size", "12", "--checkpoint", str(ckpt), "--r", "[2]"]
+    result = ev.main(argv)
+    expected = ev.evaluate(model.clone(r=[2]), params, _batches(folder))
+    assert result["top1"] == expected["top1"] and result["count"] == N
+    assert result["gflops_per_image"] == pytest.approx(model.clone(r=[2]).flops(16) / 1e9)
+    with pytest.raises(ValueError, match="converted for 16 px, not 32"):
+        ev.main(argv + ["--image-size", "32"])

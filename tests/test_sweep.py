@@ -123,7 +123,7 @@ def test_bad_input(folder, tmp_path, capsys):
         ["--random-init", "--data", "nope"], capsys)
     assert "one of the arguments --checkpoint --random-init is required" in _error(
         ["--data", "image_folder"], capsys)
-    assert "not a directory written by python -m tome_jax.convert" in _error(
+    assert "is not a converted checkpoint" in _error(
         [a for a in base if a != "--random-init"] + ["--checkpoint", str(tmp_path)], capsys)
     assert "model has 5 classes but the data has 3" in _error(
         base + ["--num-classes", "5"], capsys)

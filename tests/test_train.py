@@ -250,3 +250,8 @@ def test_modular_dtem_training_leaves_the_backbone_bit_identical(folder, tmp_pat
     init = flatten(T.init_state(cfg, T.make_model(cfg), T.make_optimizer(
         cfg, state["params"]))["params"])
     assert any(not np.array_equal(np.asarray(after[k]), np.asarray(init[k])) for k in embeds)
+    # Shipped, the DTEM run is a model whose config knows its embeddings.
+    model, params = load_pretrained(ship(tmp_path / "dtem", tmp_path / "dtem_model")[0])
+    assert model.dtem_dim == 8
+    np.testing.assert_array_equal(np.asarray(flatten(params)[embeds[0]]),
+                                  np.asarray(after[embeds[0]]))

@@ -707,21 +707,63 @@ def save_converted(dst: str | os.PathLike, flat: Flat, config: Config,
     return dst
 
 
-def load_pretrained(path: str | os.PathLike, **overrides: Any):
-    """A directory written by `convert` -> (ViT, params) ready for `model.apply`.
+def load_converted(path: str | os.PathLike, **overrides: Any):
+    """A directory written by `convert` or `train.ship` -> (ViT, params, image (H, W) or None).
 
     overrides: ViT fields to change at load time (e.g. r=8, prop_attn=False).
+    Raises CheckpointError naming the problem: a missing file, a config that does not describe
+    a tome_jax ViT, an unreadable params file, or parameters that do not fit the model (a
+    tensor missing, extra or of another shape, e.g. DTEM embeddings the config does not know).
     """
+    import jax
     import jax.numpy as jnp
     from flax import serialization
 
     from tome_jax.vit import ViT
 
     path = Path(path)
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    params = serialization.msgpack_restore((path / PARAMS_FILE).read_bytes())
-    params = unflatten({k: jnp.asarray(v) for k, v in flatten(params).items()})
-    return ViT(**{**meta["model"], **overrides}), params
+    for name in (CONFIG_FILE, PARAMS_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} is not a converted checkpoint: {path / name} is "
+                                  "missing (make one with `python -m tome_jax.convert SRC DIR`"
+                                  " or `python -m train.ship`)")
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        model = ViT(**{**meta["model"], **overrides})
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} does not describe a tome_jax ViT: "
+                              f"{type(e).__name__}: {e}") from None
+    try:
+        params = serialization.msgpack_restore((path / PARAMS_FILE).read_bytes())
+        flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types on bad bytes
+        raise CheckpointError(f"{path / PARAMS_FILE} is corrupt or not a params file "
+                              f"({type(e).__name__}: {e})") from None
+    size = meta.get("image_size")
+    image_hw = (int(size[0]), int(size[1])) if size else None
+    h, w = image_hw or (224, 224)
+    x = jax.ShapeDtypeStruct((1, h, w, model.channels), jnp.float32)
+    expected = {k: tuple(v.shape) for k, v in
+                flatten(jax.eval_shape(model.clone(r=0).init, jax.random.key(0), x)["params"]
+                        ).items()}
+    got = {k: tuple(v.shape) for k, v in flat.items()}
+    if got != expected:
+        missing, extra = sorted(expected.keys() - got), sorted(got.keys() - expected)
+        shapes = [f"{k} {got[k]} vs {expected[k]}" for k in sorted(expected.keys() & got)
+                  if got[k] != expected[k]]
+        raise CheckpointError(f"{path} does not fit its config's model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}, other shapes {shapes[:3]}")
+    return model, unflatten({k: jnp.asarray(v) for k, v in flat.items()}), image_hw
+
+
+def load_pretrained(path: str | os.PathLike, **overrides: Any):
+    """A directory written by `convert` -> (ViT, params) ready for `model.apply`.
+
+    overrides: ViT fields to change at load time (e.g. r=8, prop_attn=False). See
+    `load_converted`, which also returns the image size and names what is wrong.
+    """
+    model, params, _ = load_converted(path, **overrides)
+    return model, params
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,

@@ -144,7 +144,7 @@ def token_schedule(r: Schedule, depth: int, num_tokens: int, protected: int = 1,
 
 def flops(variant: str | ViTSize, image_size: int, r: Schedule = 0, *, num_classes: int = 1000,
           num_prefix_tokens: int = 1, protected: int | None = None,
-          channels: int = 3) -> float:
+          channels: int = 3, dtem_dim: int = 0) -> float:
     """Analytic forward FLOPs (2 x multiply-accumulates) of one image.
 
     Counted the usual way: patch embedding, q/k/v projections, the two attention matmuls, the
@@ -159,6 +159,7 @@ def flops(variant: str | ViTSize, image_size: int, r: Schedule = 0, *, num_class
       num_classes: head size (0 for no head).
       num_prefix_tokens: class, distill and register tokens prepended to the patches.
       protected: tokens excluded from merging; defaults to num_prefix_tokens.
+      dtem_dim: width of DTEM's merge embedding (0: none), a Dense on every block's tokens.
     """
     size = decode_variant(variant) if isinstance(variant, str) else variant
     if image_size % size.patch_size:
@@ -170,6 +171,7 @@ def flops(variant: str | ViTSize, image_size: int, r: Schedule = 0, *, num_class
     macs = num_patches * size.patch_size ** 2 * channels * d
     for t, r_i in zip(tokens, rs, strict=False):
         macs += 3 * t * d * d      # q, k, v
+        macs += t * d * dtem_dim   # DTEM's merge embedding
         macs += 2 * t * t * d      # q @ k^T and attn @ v
         macs += t * d * d          # output projection
         macs += 2 * (t - r_i) * d * m  # MLP, after the merge

@@ -16,7 +16,6 @@ left after merging.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -293,19 +292,13 @@ def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
 
 def _load_checkpoint(path: str) -> tuple[Any, Any, int | None]:
     """DIR written by `tome_jax.convert` -> (model, params, its image size or None)."""
-    from tome_jax.convert import CONFIG_FILE, PARAMS_FILE, load_pretrained
+    from tome_jax.convert import CheckpointError, load_converted
 
-    d = Path(path)
-    for name in (CONFIG_FILE, PARAMS_FILE):
-        if not (d / name).is_file():
-            raise VisError(f"{d} is not a converted checkpoint: {d / name} is missing "
-                           "(make one with `python -m tome_jax.convert SRC DIR`)")
     try:
-        model, params = load_pretrained(d)
-    except TypeError as e:  # config fields this ViT does not have
-        raise VisError(f"{d / CONFIG_FILE} does not describe a tome_jax ViT: {e}") from None
-    size = json.loads((d / CONFIG_FILE).read_text()).get("image_size")
-    return model, params, (int(size[0]) if size else None)
+        model, params, image_hw = load_converted(path)
+    except CheckpointError as e:
+        raise VisError(str(e)) from None
+    return model, params, (image_hw[0] if image_hw else None)
 
 
 def _parse_r(text: str) -> Any:

@@ -405,7 +405,8 @@ class ViT(nn.Module):
         return sched.flops(self.size, image_size, self.r,
                            num_classes=self.num_classes * (1 + int(self.distill_token)),
                            num_prefix_tokens=self.num_prefix_tokens,
-                           protected=int(self.class_token), channels=self.channels)
+                           protected=int(self.class_token), channels=self.channels,
+                           dtem_dim=self.dtem_dim or 0)
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False):

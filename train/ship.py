@@ -23,7 +23,7 @@ def model_config(cfg: Config) -> dict:
     """The ViT fields of a training config, as `load_pretrained` expects them."""
     model = make_model(cfg, r=0, dropout=0.0, drop_path=0.0)
     fields = dict(variant=model.variant, num_classes=model.num_classes, pool=model.pool)
-    for name in ("width", "depth", "mlp_dim", "num_heads"):
+    for name in ("width", "depth", "mlp_dim", "num_heads", "dtem_dim"):
         if getattr(model, name):
             fields[name] = getattr(model, name)
     return fields

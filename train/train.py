@@ -64,6 +64,7 @@ class Config:
     soft_merge: bool = False  # DTEM's relaxed merging while training (eval stays hard)
     dtem_tau1: float = 0.1
     dtem_tau2: float = 0.1
+    dtem_k: int = 3  # candidates per token in DTEM's soft top-r
     # Data.
     dataset: str = "cifar10_jpeg"
     data_dir: str = ""
@@ -172,7 +173,7 @@ def make_model(cfg: Config, **overrides) -> ViT:
                   dtype=jnp.dtype(cfg.dtype), width=cfg.width or None, depth=cfg.depth or None,
                   mlp_dim=cfg.mlp_dim or None, num_heads=cfg.num_heads or None,
                   dtem_dim=cfg.dtem_dim or None, soft_merge=cfg.soft_merge,
-                  dtem_tau1=cfg.dtem_tau1, dtem_tau2=cfg.dtem_tau2)
+                  dtem_tau1=cfg.dtem_tau1, dtem_tau2=cfg.dtem_tau2, dtem_k=cfg.dtem_k)
     kwargs.update(overrides)
     return ViT(**kwargs)
 
