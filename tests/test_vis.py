@@ -194,6 +194,14 @@ def test_cli_end_to_end_and_bad_input(checkpoint, tiny, tmp_path, capsys):
     assert "converted to RGB" in capsys.readouterr().err
     with Image.open(out) as img:
         assert img.size[0] == 3 * 240
+    # Several images: one row each; painted enlarged 4x (the model still sees 64 px).
+    assert vis.main([str(src), str(src), "--checkpoint", str(checkpoint), "--r", "4",
+                     "--display-scale", "4", "--out", str(out)]) == 0
+    with Image.open(out) as img:
+        assert img.size == (2 * 240, 2 * 270)
+    rows = vis.visualise(*vis._load_checkpoint(str(checkpoint))[:2], tiny[2], [4],
+                         display_scale=4)
+    assert rows[0][0][1].shape == (4 * 64, 4 * 64, 3) and rows[0][1][1].shape[:2] == (256, 256)
     (tmp_path / "bad.jpg").write_text("nope")
     assert vis.main([str(tmp_path / "bad.jpg"), "--checkpoint", str(checkpoint),
                      "--r", "4"]) == 1

@@ -255,16 +255,23 @@ def _title(head: str, tokens: int, labels: np.ndarray) -> str:
 
 
 def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
-              normalization: str = "imagenet", layers: Sequence[int] | None = None
-              ) -> list[list[tuple[str, np.ndarray]]]:
+              normalization: str = "imagenet", layers: Sequence[int] | None = None,
+              display_scale: int = 1) -> list[list[tuple[str, np.ndarray]]]:
     """Panels for one uint8 image [H, W, 3]: one row per r (or a single row when layers is
     None): the original, then the merged groups at the end (layers None) or after each listed
-    block (1-based, e.g. [3, 6, 9, 12]). Titles give r and the token count."""
+    block (1-based, e.g. [3, 6, 9, 12]). Titles give r and the token count.
+
+    display_scale: paint on the image enlarged this many times (nearest neighbour), so group
+    borders stay thin on small inputs such as CIFAR's 32 px.
+    """
     check_traceable(model)
+    if display_scale < 1:
+        raise VisError(f"display_scale must be >= 1, got {display_scale}")
     x = normalize(image, normalization)[None]
     patch = model.size.patch_size
     grid = (image.shape[0] // patch, image.shape[1] // patch)
     prefix = model.num_prefix_tokens
+    image = np.repeat(np.repeat(image, display_scale, axis=0), display_scale, axis=1)
     original = ("original", image)
     if layers is None:
         row = [original]
@@ -312,7 +319,7 @@ def _parse_r(text: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tome_jax.vis",
                                 description="Paint ToMe's merged patch groups over an image.")
-    p.add_argument("image")
+    p.add_argument("image", nargs="+", help="one or more images: one row (per r) each")
     p.add_argument("--checkpoint", required=True, help="directory from tome_jax.convert")
     p.add_argument("--r", type=_parse_r, action="append", required=True,
                    help="schedule: 16, or 16,-1 (ramp), or [..] per block; repeat for panels")
@@ -323,16 +330,22 @@ def main(argv: list[str] | None = None) -> int:
                                       "baselines random / prune (dropped patches in black)")
     p.add_argument("--layers", type=int, nargs="+",
                    help="also show the groups after these blocks (1-based), one row per r")
+    p.add_argument("--display-scale", type=int, default=1,
+                   help="paint on the image enlarged this many times (thin borders on small "
+                        "images, e.g. 8 for CIFAR's 32 px)")
     a = p.parse_args(argv)
     try:
         model, params, ckpt_size = _load_checkpoint(a.checkpoint)
         check_traceable(model)
         if a.strategy:
             model = model.clone(strategy=a.strategy)
-        image, note = load_image(a.image, a.image_size or ckpt_size or 224)
-        if note:
-            print(note, file=sys.stderr)
-        rows = visualise(model, params, image, a.r, a.normalization, a.layers)
+        rows = []
+        for path in a.image:
+            image, note = load_image(path, a.image_size or ckpt_size or 224)
+            if note:
+                print(note, file=sys.stderr)
+            rows += visualise(model, params, image, a.r, a.normalization, a.layers,
+                              a.display_scale)
     except ValueError as e:  # VisError, and the model's own shape / config checks
         print(f"error: {e}", file=sys.stderr)
         return 1
