@@ -159,3 +159,27 @@ def test_csv_round_trip_and_replot(tmp_path):
     assert back[1]["tokens"] == 15 and back[1]["fid_min"] == 0.9 and back[1]["top1"] is None
     plots.main([str(tmp_path / "a.csv"), str(tmp_path / "a.png"), "--title", "t"])
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_combines_sweeps_at_the_same_r(tmp_path):
+    from eval import table
+
+    def rows(top1):
+        return [{"method": "-", "r": "0", "tokens": 65, "gflops": 2.0, "top1": top1[0],
+                 "im_s": 100.0},
+                {"method": "tome", "r": "7", "tokens": 23, "gflops": 1.0, "top1": top1[1],
+                 "im_s": 180.0},
+                {"method": "random", "r": "7", "tokens": 23, "gflops": 1.0, "top1": 0.1,
+                 "im_s": 170.0}]
+
+    for name, top1 in (("a", (0.9, 0.8)), ("b", (0.9, 0.85))):
+        S.write_csv(S.add_speedups(rows(top1)), tmp_path / f"{name}.csv")
+    text = table.main([f"ToMe={tmp_path / 'a.csv'}", f"DTEM={tmp_path / 'b.csv'}",
+                       "--r", "0", "7", "--out", str(tmp_path / "t.md")])
+    lines = text.splitlines()
+    assert lines[0].startswith("| model | r |") and len(lines) == 2 + 4
+    assert "| ToMe | 7 |" in lines[4] and "0.8000" in lines[4] and "1.80x" in lines[4]
+    assert "| DTEM | 7 |" in lines[5] and "0.8500" in lines[5]
+    assert (tmp_path / "t.md").read_text().strip() == text
+    with pytest.raises(KeyError, match="no tome row at r = 11"):
+        table.pick(S.read_csv(tmp_path / "a.csv"), "11")
