@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from tome_jax import dtem
 from tome_jax import merge as tome
 from tome_jax.schedule import Schedule, parse_schedule
 from tome_jax.variants import decode_variant
@@ -77,25 +78,38 @@ def merge_step_seconds(model: ViT, batch: int, resolution: int, runs: int,
     return total
 
 
+METRICS = ("keys", "dtem", "dtem-fused")
+
+
 def benchmark(variant: str, batch: int, resolution: int, schedules: Sequence[Schedule],
-              runs: int, warmup: int, dtype, merge_methods: Sequence[str]) -> list[dict]:
-    """Measures every (schedule, merge method); returns the printed table's rows.
+              runs: int, warmup: int, dtype, merge_methods: Sequence[str],
+              metrics: Sequence[str] = ("keys",), dtem_dim: int | None = None) -> list[dict]:
+    """Measures every (schedule, merge method, metric); returns the printed table's rows.
 
     The first schedule is the baseline of the speed-ups. Schedules that merge nothing are
-    measured once, whatever the method.
+    measured once, whatever the method. metrics: what matching runs on: "keys" (ToMe), "dtem"
+    (a DTEM embedding of width dtem_dim, its own matmul) or "dtem-fused" (the same embedding
+    computed in the q/k/v matmul).
     """
+    if any(m != "keys" for m in metrics):
+        dtem_dim = dtem_dim or dtem.default_dim(decode_variant(variant).width,
+                                                decode_variant(variant).num_heads)
     base = ViT(variant=variant, num_classes=1000, dtype=dtype)
     images = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3), dtype)
-    params = jax.jit(base.init)(jax.random.key(1), images)["params"]
+    # One parameter set for every row: the keys model ignores the embeddings.
+    params = jax.jit(base.clone(dtem_dim=dtem_dim).init)(jax.random.key(1), images)["params"]
 
     rows, compiled = [], []
     for r in schedules:
         merges = any(base.clone(r=r).token_schedule(resolution)[0])
-        for method in merge_methods if merges else merge_methods[:1]:
-            rows.append(dict(r=r, method=method if merges else "-"))
+        for metric in metrics:
+            for method in merge_methods if merges else merge_methods[:1]:
+                rows.append(dict(r=r, method=method if merges else "-", metric=metric))
     for row in rows:
         model = base.clone(r=row["r"], merge_method=row["method"] if row["method"] != "-"
-                           else merge_methods[0])
+                           else merge_methods[0],
+                           dtem_dim=None if row["metric"] == "keys" else dtem_dim,
+                           dtem_fused=row["metric"] == "dtem-fused")
         fn, compile_s = compile_and_time(lambda p, x, m=model: m.apply({"params": p}, x)[0],
                                          (params, images))
         for _ in range(warmup):
@@ -182,7 +196,7 @@ def benchmark_torch(variant: str, batch: int, resolution: int, runs: int, warmup
         calls += 1
     seconds = statistics.median(once() for _ in range(runs))
     base = ViT(variant=variant, num_classes=1000)
-    return dict(r=0, method=TORCH_LABEL, tokens=base.token_schedule(resolution)[1][-1],
+    return dict(r=0, method=TORCH_LABEL, metric="-", tokens=base.token_schedule(resolution)[1][-1],
                 gflops=base.flops(resolution) / 1e9, compile_s=None, seconds=seconds,
                 im_s=batch / seconds, merge_s=None, merge_share=None,
                 threads=torch.get_num_threads(), version=f"torch {torch.__version__}")
@@ -202,12 +216,13 @@ def _opt(value: float | None, scale: float, spec: str, suffix: str = "") -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("| r | merge method | tokens left | GFLOPs | FLOPs-limit speed-up | im/s | "
-              "measured speed-up | measured / limit | compile s | merge ms | merge % of forward |")
-    lines = [header, "|" + "---|" * 11]
+    header = ("| r | merge method | metric | tokens left | GFLOPs | FLOPs-limit speed-up | im/s |"
+              " measured speed-up | measured / limit | compile s | merge ms | merge % of forward |")
+    lines = [header, "|" + "---|" * 12]
     for row in rows:
         lines.append(
-            f"| {row['r']} | {row['method']} | {row['tokens']} | {row['gflops']:.2f} | "
+            f"| {row['r']} | {row['method']} | {row.get('metric', 'keys')} | {row['tokens']} | "
+            f"{row['gflops']:.2f} | "
             f"{row['flops_speedup']:.2f}x | {row['im_s']:.1f} | {row['speedup']:.2f}x | "
             f"{row['efficiency']:.2f} | {_opt(row['compile_s'], 1, '.1f')} | "
             f"{_opt(row['merge_s'], 1e3, '.2f')} | {_opt(row['merge_share'], 100, '.1f', '%')} |")
@@ -229,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         default=["float32"], help="compute dtypes; one table each")
     parser.add_argument("--merge-method", nargs="+", choices=tome.MERGE_METHODS,
                         default=["segment"], help="several to compare them side by side")
+    parser.add_argument("--metric", nargs="+", choices=METRICS, default=["keys"],
+                        help="match on the keys (ToMe) or a DTEM embedding, separate or fused "
+                             "into the q/k/v matmul; several to compare them side by side")
+    parser.add_argument("--dtem-dim", type=int, default=None,
+                        help="DTEM embedding width (default: the paper's, head_dim)")
     parser.add_argument("--vs-torch", action="store_true",
                         help="add a row timing timm's PyTorch ViT (r = 0) on the CPU")
     parser.add_argument("--torch-threads", type=int, default=None,
@@ -246,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{device.platform} ({device.device_kind}), "
                   f"median of {args.runs} runs after {args.warmup} warm-up")
             rows = benchmark(args.variant, batch, args.resolution, schedules, args.runs,
-                             args.warmup, jnp.dtype(dtype), args.merge_method)
+                             args.warmup, jnp.dtype(dtype), args.merge_method, args.metric,
+                             args.dtem_dim)
             if args.vs_torch:
                 torch_row = benchmark_torch(args.variant, batch, args.resolution, args.runs,
                                             args.warmup, dtype, args.torch_threads)

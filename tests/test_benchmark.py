@@ -31,7 +31,17 @@ def test_tiny_benchmark_rows_and_table():
     assert all(r["merge_s"] > 0 for r in rows[1:])
     table = B.format_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[0].startswith("| r | merge method |")
-    assert table[2].startswith("| 0 | - | 17 | 0.00 | 1.00x |")
+    assert table[2].startswith("| 0 | - | keys | 17 | 0.00 | 1.00x |")
+
+
+def test_dtem_metric_rows_fused_and_not():
+    rows = B.benchmark("mu/4", 2, 16, [0, 2], runs=1, warmup=0, dtype=jnp.float32,
+                       merge_methods=["segment"], metrics=["keys", "dtem", "dtem-fused"],
+                       dtem_dim=8)
+    assert [(r["r"], r["metric"]) for r in rows] == [
+        (0, "keys"), (0, "dtem"), (0, "dtem-fused"), (2, "keys"), (2, "dtem"), (2, "dtem-fused")]
+    assert rows[4]["gflops"] == rows[5]["gflops"] > rows[3]["gflops"]  # the embedding's cost
+    assert "| 2 | segment | dtem-fused | 15 |" in B.format_table(rows)
 
 
 def test_timm_reference_row():
@@ -58,7 +68,8 @@ def test_timm_names():
     assert custom.embed_dim == 32 and len(custom.blocks) == 1
 
 
-def _fake_rows(variant, batch, resolution, schedules, runs, warmup, dtype, methods):
+def _fake_rows(variant, batch, resolution, schedules, runs, warmup, dtype, methods,
+               metrics=("keys",), dtem_dim=None):
     row = dict(r=0, method="-", tokens=17, gflops=1.0, flops_speedup=1.0, im_s=float(batch),
                seconds=1.0, speedup=1.0, efficiency=1.0, compile_s=0.5, merge_s=0.0,
                merge_share=0.0, dtype=dtype)
@@ -74,7 +85,7 @@ def test_cli_one_table_per_batch_and_dtype(monkeypatch, capsys):
     assert [h.split(", ")[1:3] for h in headers] == [
         ["batch 1", "float32"], ["batch 3", "float32"], ["batch 1", "bfloat16"],
         ["batch 3", "bfloat16"]]
-    assert out.count("| 0 | - | 17 |") == 4 and out.count("peak RSS so far:") == 4
+    assert out.count("| 0 | - | keys | 17 |") == 4 and out.count("peak RSS so far:") == 4
 
 
 def test_cli_vs_torch(monkeypatch, capsys):
@@ -83,7 +94,7 @@ def test_cli_vs_torch(monkeypatch, capsys):
     B.main(["--variant", "mu/4", "--resolution", "16", "--batch", "2", "--runs", "1",
             "--vs-torch", "--torch-threads", "1"])
     out = capsys.readouterr().out
-    assert f"| 0 | {B.TORCH_LABEL} | 17 |" in out and "1 threads, CPU" in out
+    assert f"| 0 | {B.TORCH_LABEL} | - | 17 |" in out and "1 threads, CPU" in out
 
 
 def test_cli_defaults_unchanged(monkeypatch):
@@ -97,9 +108,10 @@ def test_cli_defaults_unchanged(monkeypatch):
     monkeypatch.setattr(B, "benchmark", fake_benchmark)
     with pytest.raises(SystemExit):
         B.main([])
-    variant, batch, resolution, schedules, runs, warmup, dtype, methods = seen["args"]
-    assert (variant, batch, resolution, runs, warmup, dtype, methods) == (
-        "B/16", 8, 224, 7, 2, jnp.float32, ["segment"])
+    variant, batch, resolution, schedules, runs, warmup, dtype, methods, metrics, dim = seen[
+        "args"]
+    assert (variant, batch, resolution, runs, warmup, dtype, methods, metrics, dim) == (
+        "B/16", 8, 224, 7, 2, jnp.float32, ["segment"], ["keys"], None)
     assert schedules == [0, 8, 13, 16, (16, -1.0)]
 
 

@@ -241,3 +241,23 @@ def test_bad_input():
 def test_default_dim():
     assert dtem.default_dim(768, 12) == 64
     assert dtem.default_dim(1024, 16) == 128
+
+
+def test_fused_embedding_equals_separate_and_saves_three_matmuls():
+    model = ViT(variant="mu/4", num_classes=3, dtem_dim=8, r=2)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    fused = model.clone(dtem_fused=True)
+    # Same parameter layout: a DTEM checkpoint runs fused as it is.
+    assert jax.tree.structure(fused.init(jax.random.key(0), x)["params"]) == \
+        jax.tree.structure(params)
+    want, out_want = model.apply({"params": params}, x)
+    got, out_got = fused.apply({"params": params}, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out_got["size"]), np.asarray(out_want["size"]))
+
+    def dots(m):
+        return str(jax.make_jaxpr(lambda p: m.apply({"params": p}, x)[0])(params)).count(
+            "dot_general")
+    depth = model.size.depth
+    assert dots(model) - dots(fused) == 3 * depth  # q, k, v, embed -> one matmul per block

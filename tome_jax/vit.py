@@ -52,6 +52,7 @@ class MergeConfig:
     dtem_tau1: float = 0.1
     dtem_tau2: float = 0.1
     dtem_k: int = 3
+    dtem_fused: bool = False  # inference: the embedding rides in the q/k/v matmul
 
 
 class MlpBlock(nn.Module):
@@ -85,20 +86,28 @@ class MultiHeadDotProductAttention(nn.Module):
     return_cls_attention: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, size: jax.Array | None = None):
+    def __call__(self, x: jax.Array, size: jax.Array | None = None,
+                 extra: nn.Dense | None = None):
+        """extra: a Dense on the same input (DTEM's embedding) to compute in the one matmul
+        of q, k and v; its output [B, T, F] is then returned third."""
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
         head_dim = width // self.num_heads
         proj = dict(features=(self.num_heads, head_dim), dtype=self.dtype,
                     kernel_init=nn.initializers.xavier_uniform())
-        q = nn.DenseGeneral(**proj, name="query")(x)
-        k = nn.DenseGeneral(**proj, name="key")(x)
-        v = nn.DenseGeneral(**proj, name="value")(x)
+        layers = [nn.DenseGeneral(**proj, name=name) for name in ("query", "key", "value")]
+        if extra is None or self.is_initializing():
+            q, k, v = (layer(x) for layer in layers)
+            extra_out = None if extra is None else extra(x)
+        else:
+            q, k, v, extra_out = _fused_projection(x, layers, extra, self.num_heads, self.dtype)
         bias = None if size is None else jnp.log(size)[:, None, None, :, 0].astype(q.dtype)
         y = jax.nn.dot_product_attention(q, k, v, bias=bias)
         out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
+        if extra is not None:
+            return out, k.mean(axis=-2), extra_out
         if not self.return_cls_attention:
             return out, k.mean(axis=-2)
         # The class token's attention row, head-averaged [B, T]: only the pruning baseline needs
@@ -107,6 +116,22 @@ class MultiHeadDotProductAttention(nn.Module):
         if bias is not None:
             logits = logits + bias[:, :, 0].astype(jnp.float32)
         return out, jax.nn.softmax(logits, axis=-1).mean(axis=1)
+
+
+def _fused_projection(x: jax.Array, layers: list, extra: nn.Dense, num_heads: int,
+                      dtype: Dtype) -> tuple[jax.Array, ...]:
+    """q, k, v [B, T, H, D/H] and extra(x) [B, T, F] from one matmul of x [B, T, D] with the
+    kernels side by side ([D, 3D + F]); the parameters keep their separate layout."""
+    kernels = [layer.variables["params"]["kernel"] for layer in layers]
+    biases = [layer.variables["params"]["bias"] for layer in layers]
+    width = x.shape[-1]
+    kernel = jnp.concatenate([k.reshape(width, -1) for k in kernels]
+                             + [extra.variables["params"]["kernel"]], axis=1)
+    bias = jnp.concatenate([b.reshape(-1) for b in biases] + [extra.variables["params"]["bias"]])
+    y = jnp.einsum("btd,df->btf", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    q, k, v = (y[..., i * width:(i + 1) * width].reshape(*x.shape[:2], num_heads, -1)
+               for i in range(3))
+    return q, k, v, y[..., 3 * width:]
 
 
 class LayerScale(nn.Module):
@@ -196,20 +221,27 @@ class Encoder1DBlock(nn.Module):
         # Drop path: the whole residual branch of a sample, rescaled (stochastic depth).
         drop = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2))
         y = nn.LayerNorm(dtype=self.dtype)(x)
-        embed = None
+        embed, embed_layer = None, None
+        fused = self.merge_cfg.dtem_fused and self.dtem_dim is not None and active is None
         if self.dtem_dim is not None:
-            # Stop-gradient: the decoupled embedding reads the block's features and never
-            # changes them, so training it leaves the backbone as it was.
-            embed = nn.Dense(self.dtem_dim, dtype=self.dtype, name=dtem.EMBED_NAME)(
-                jax.lax.stop_gradient(y))
+            embed_layer = nn.Dense(self.dtem_dim, dtype=self.dtype, name=dtem.EMBED_NAME)
+            if not fused:
+                # Stop-gradient: the decoupled embedding reads the block's features and never
+                # changes them, so training it leaves the backbone as it was.
+                embed = embed_layer(jax.lax.stop_gradient(y))
         prune_here = self.merge_cfg.strategy == "prune" and self.r > 0
         if active is not None:
             # Soft sizes reach 0: floor them so log(size) stays finite (and its gradient too).
             attn_size = jnp.maximum(size, dtem.MIN_SIZE)
         else:
             attn_size = size if self.merge_cfg.prop_attn else None
-        y, metric = MultiHeadDotProductAttention(
-            self.num_heads, dtype=self.dtype, return_cls_attention=prune_here)(y, attn_size)
+        attention = MultiHeadDotProductAttention(
+            self.num_heads, dtype=self.dtype, return_cls_attention=prune_here)
+        if fused:
+            y, metric, embed = attention(y, attn_size, extra=embed_layer)
+            embed = jax.lax.stop_gradient(embed)
+        else:
+            y, metric = attention(y, attn_size)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         if self.layerscale_init is not None:
             y = LayerScale(self.layerscale_init)(y)
@@ -299,7 +331,9 @@ class ViT(nn.Module):
       see `tome_jax.dtem`; `dtem.default_dim` gives the paper's width) and matches on it instead
       of the keys. soft_merge: DTEM's training path (needs dtem_dim): differentiable soft
       merges with temperatures dtem_tau1, dtem_tau2 over the top dtem_k candidates; no token is
-      removed, out["size"] holds fractional sizes for all tokens.
+      removed, out["size"] holds fractional sizes for all tokens. dtem_fused: computes the
+      embedding in the same matmul as q, k and v (kernels side by side, same parameters) for
+      inference and export; gradients then reach the backbone through it, so train unfused.
     """
 
     variant: str = "B/16"
@@ -329,6 +363,7 @@ class ViT(nn.Module):
     dtem_tau1: float = 0.1
     dtem_tau2: float = 0.1
     dtem_k: int = 3
+    dtem_fused: bool = False
 
     def __post_init__(self):
         self.r = sched.canonical(self.r)
@@ -447,7 +482,8 @@ class ViT(nn.Module):
                                 prop_attn=self.prop_attn, trace_source=self.trace_source,
                                 method=self.merge_method, strategy=self.strategy,
                                 dtem_soft=self.soft_merge, dtem_tau1=self.dtem_tau1,
-                                dtem_tau2=self.dtem_tau2, dtem_k=self.dtem_k)
+                                dtem_tau2=self.dtem_tau2, dtem_k=self.dtem_k,
+                                dtem_fused=self.dtem_fused)
         x, tok_size, source = Encoder(
             depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads, rs=tuple(rs),
             merge_cfg=merge_cfg, final_norm=self.pool != "mae", dropout=self.dropout,
