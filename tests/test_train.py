@@ -255,3 +255,21 @@ def test_modular_dtem_training_leaves_the_backbone_bit_identical(folder, tmp_pat
     assert model.dtem_dim == 8
     np.testing.assert_array_equal(np.asarray(flatten(params)[embeds[0]]),
                                   np.asarray(after[embeds[0]]))
+
+
+def test_summary_of_runs(tmp_path):
+    from train import summary
+
+    for name, step_time in (("a", 1.0), ("b", 0.5)):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [{"step": 2, "step_time": 9.0, "images_per_s": 1.0, "loss": 2.0},  # compile
+                 {"step": 4, "step_time": step_time, "images_per_s": 8 / step_time,
+                  "loss": 1.5},
+                 {"step": 4, "eval_top1": 0.5}]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    text = summary.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "| a | 4 | 1.000 | 8.0 | 1.00x | 1.500 | 0.5000 |" in text
+    assert "| b | 4 | 0.500 | 16.0 | 2.00x |" in text
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
+        summary.main([str(tmp_path)])
