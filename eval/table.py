@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     for item in a.sweeps:
         if "=" not in item:
             p.error(f"{item!r} is not NAME=PATH.csv")
-        name, path = item.split("=", 1)
+        name, path = item.rsplit("=", 1)  # names may hold "=", paths rarely do
         named.append((name, read_csv(path)))
     text = format_markdown(combine(named, a.r, a.method)).replace("| method |", "| model |", 1)
     if a.out:
