@@ -113,6 +113,33 @@ def test_two_process_run(folder, tmp_path):
     assert [m["step"] for m in logged] == [2, 4] and all(np.isfinite(m["loss"]) for m in logged)
 
 
+def test_sigterm_on_one_process_stops_both_at_the_same_step(folder, tmp_path):
+    """Preemption reaches pod hosts at different moments: the save must still be collective."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    steps = 400
+    procs = [launch(tmp_path, folder, f"steps={steps}", "save_every=1000",
+                    COORDINATOR=f"localhost:{port}", PROCESS_ID=str(i)) for i in range(2)]
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and procs[0].poll() is None and not (
+                metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)  # process 0 is never signalled
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:  # a process left waiting in a collective would outlive the test
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), outs
+    stopped = checkpoint_steps(tmp_path)
+    assert len(stopped) == 1 and 4 <= stopped[0] < steps, (stopped, outs)
+    assert "on another process" in outs[0] and f"saved step {stopped[0]}" in outs[0], outs[0]
+    a, b = (dict(np.load(tmp_path / f"final{i}.npz")) for i in range(2))
+    assert_same(a, b)
+
+
 @pytest.mark.slow
 def test_fsdp_matches_data_parallel(folder, tmp_path):
     one, _ = run(tmp_path / "one", folder, "steps=4", "save_every=100", devices=8)

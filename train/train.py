@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -487,6 +488,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
             state, metrics = train_step(state, batch)
             window.append(metrics)
             done = step + 1
+            stopping = agree_to_stop(stop["now"])
             if done % cfg.log_every == 0 or done == end:
                 metrics = {k: float(np.mean([jax.device_get(m[k]) for m in window]))
                            for k in window[0]}
@@ -497,13 +499,14 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                 log.write(done, metrics)
                 progress(done, metrics)
                 window, t_window = [], time.perf_counter()
-            if done % cfg.save_every == 0 or done == end or stop["now"]:
-                saved = save(manager, state, cfg, force=stop["now"] or done == end)
+            if done % cfg.save_every == 0 or done == end or stopping:
+                saved = save(manager, state, cfg, force=stopping or done == end)
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 log.write(done, run_eval(cfg, model, state["params"], mesh))
                 t_window = time.perf_counter()  # keep eval time out of the step time
-            if stop["now"]:
-                logging.warning("SIGTERM: saved step %d, exiting", done)
+            if stopping:
+                logging.warning("SIGTERM%s: saved step %d, exiting",
+                                "" if stop["now"] else " (on another process)", done)
                 break
     finally:
         saved = wait_for_saves(manager) and saved
@@ -517,6 +520,17 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
             " (see the error above); the latest complete one is kept: free space and rerun the"
             " same command to resume from it")
     return state
+
+
+def agree_to_stop(asked: bool) -> bool:
+    """True on every process as soon as any one of them was asked to stop (SIGTERM).
+
+    Preemption reaches the hosts of a pod at different moments; the save is a collective, so
+    every process must stop after the same step. One tiny all-gather per step, multi-process only.
+    """
+    if jax.process_count() == 1:
+        return asked
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(asked))))
 
 
 def _progress(start: int, end: int):
