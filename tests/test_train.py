@@ -173,6 +173,11 @@ def test_corrupt_latest_checkpoint_falls_back(folder, tmp_path):
     for f in latest.rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
+    from train.ship import ship
+
+    with pytest.warns(UserWarning, match="step 4 could not be restored"):
+        _, shipped = ship(tmp_path, tmp_path / "shipped")
+    assert shipped == 2
     (tmp_path / "final.npz").unlink()
     _, out = run(tmp_path, folder, "steps=6", "save_every=2")
     assert "checkpoint at step 4 could not be restored" in out
