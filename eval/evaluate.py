@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-rss", action="store_true", help="print peak host RSS (MiB)")
     p.add_argument("--dump-logits", default=None, help="save logits/index (.npz, process 0)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    p.add_argument("--coordinator", default=None, help="host:port for multi-process runs")
+    p.add_argument("--coordinator", default=None,
+                   help="host:port for multi-process runs, or 'auto' (Cloud TPU pods, Slurm)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     return p
@@ -236,8 +237,12 @@ def main(argv: list[str] | None = None, load_params: ParamsLoader | None = None)
     if args.coordinator:
         # Only CPU collectives read this; it must be set before the backend starts.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+        if args.coordinator == "auto":  # Cloud TPU pods, Slurm: JAX finds the cluster
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(coordinator_address=args.coordinator,
+                                       num_processes=args.num_processes,
+                                       process_id=args.process_id)
     import tensorflow_datasets as tfds
 
     from tome_jax import data
