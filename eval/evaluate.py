@@ -234,15 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, load_params: ParamsLoader | None = None) -> dict:
     """Runs the CLI; returns the result dict. load_params: how to read --checkpoint."""
     args = build_parser().parse_args(argv)
-    if args.coordinator:
-        # Only CPU collectives read this; it must be set before the backend starts.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        if args.coordinator == "auto":  # Cloud TPU pods, Slurm: JAX finds the cluster
-            jax.distributed.initialize()
-        else:
-            jax.distributed.initialize(coordinator_address=args.coordinator,
-                                       num_processes=args.num_processes,
-                                       process_id=args.process_id)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     import tensorflow_datasets as tfds
 
     from tome_jax import data

@@ -18,6 +18,24 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXIS = "batch"
 
 
+def initialize_distributed(coordinator: str | None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """`jax.distributed.initialize` for the CLIs' --coordinator flags; call before any JAX work.
+
+    coordinator: None (one process: nothing to do), "host:port" (with num_processes and
+      process_id), or "auto" (JAX finds the cluster itself: Cloud TPU pods, Slurm).
+    """
+    if not coordinator:
+        return
+    # Only CPU collectives read this (their default cannot run across processes).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=num_processes, process_id=process_id)
+
+
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """1-D mesh named "batch" over `devices` (default: all devices of all processes)."""
     devices = list(jax.devices() if devices is None else devices)

@@ -562,12 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.coordinator:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only; else unused
-        if args.coordinator == "auto":
-            jax.distributed.initialize()
-        else:
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_config(args.config, args.set)
     train(cfg, args.workdir)
 
