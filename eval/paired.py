@@ -60,16 +60,21 @@ def format_markdown(names: Sequence[str], results: Sequence[dict[str, float]], r
     return "\n".join(lines)
 
 
-def correct_by_index(model, params, batches) -> np.ndarray:
-    """[N] bool, top-1 right or not, ordered by example index."""
-    from eval.evaluate import evaluate
-
-    result = evaluate(model, params, batches, return_logits=True)
+def labels_by_index(batches) -> dict[int, int]:
+    """{example index: label} over every real (unmasked) example of `batches`."""
     labels = {}
     for batch in batches:
         keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)))
         labels.update(zip(np.asarray(batch["index"])[keep].tolist(),
                           np.asarray(batch["label"])[keep].tolist(), strict=True))
+    return labels
+
+
+def correct_by_index(model, params, batches, labels: dict[int, int]) -> np.ndarray:
+    """[N] bool, top-1 right or not, ordered by example index; `labels` from labels_by_index."""
+    from eval.evaluate import evaluate
+
+    result = evaluate(model, params, batches, return_logits=True)
     if len(labels) != len(result["index"]) or -1 in labels:
         raise ValueError("the data must give each example a distinct index to pair models")
     truth = np.array([labels[i] for i in result["index"].tolist()])
@@ -98,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         p.error("give at least two NAME=MODEL_DIR")
     tfds.display_progress_bar(False)
 
-    correct, image_size, batches = [], None, None
+    correct, image_size, batches, labels = [], None, None, {}
     for _, path in named:
         model, params, image_hw = convert.load_converted(path, r=parse_schedule(args.r))
         size = (image_hw or (224, 224))[0]
@@ -108,9 +113,10 @@ def main(argv: Sequence[str] | None = None) -> str:
                 data.make_dataset(args.data, args.split, batch_size=args.batch_size,
                                   image_size=size, normalization=args.normalization,
                                   data_dir=args.data_dir), size, 2 * 2 ** 30)
+            labels = labels_by_index(batches)  # once: every model sees the same batches
         elif size != image_size:
             raise ValueError(f"{path} takes {size} px images, {named[0][1]} {image_size} px")
-        correct.append(correct_by_index(model, params, batches))
+        correct.append(correct_by_index(model, params, batches, labels))
     results = [paired_difference(correct[0], c) for c in correct[1:]]
     table = format_markdown([name for name, _ in named], results, args.r)
     header = f"{args.data} {args.split}, {results[0]['n']} images, r = {args.r}"

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
 
 from tome_jax.convert import flatten, save_converted
-from train.train import CheckpointError, Config, load_config, make_model
+from train.train import CheckpointError, Config, load_config, make_model, restore_latest
 
 
 def model_config(cfg: Config) -> dict:
@@ -34,20 +33,16 @@ def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
     """Writes `out` from the newest checkpoint of `workdir`; returns (out, step)."""
     workdir = Path(workdir)
     cfg = load_config(str(workdir / "config.json"), [])
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    for step in reversed(steps):  # newest first; a corrupt one is skipped, as train.py does
-        try:
-            state = ocp.StandardCheckpointer().restore(
-                (workdir / "checkpoints" / str(step) / "state").resolve())
-            break
-        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
-            warnings.warn(f"checkpoint at step {step} could not be restored ({type(err).__name__}:"
-                          f" {err}); shipping the previous one", stacklevel=2)
-    else:
-        raise CheckpointError(f"none of the checkpoints {steps} in {workdir / 'checkpoints'} "
+    checkpoints = (workdir / "checkpoints").resolve()
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(checkpoints, item_names=("state", "meta"), options=options)
+    if not manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint in {checkpoints}")
+    restored = restore_latest(manager)  # newest first; a corrupt one is skipped, as in training
+    if restored is None:
+        raise CheckpointError(f"none of the checkpoints {manager.all_steps()} in {checkpoints} "
                               "could be restored")
+    step, state = restored
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(state["params"]).items()}
     source = f"train/train.py, {workdir.name} step {step} of {cfg.steps}"
     return save_converted(out, flat, model_config(cfg), (cfg.image_size,) * 2, source), step

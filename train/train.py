@@ -326,13 +326,15 @@ def check_workdir(workdir: Path, cfg: Config) -> None:
                              f"config: {diff}); use a new workdir")
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict) -> dict | None:
-    """The newest checkpoint that restores; a corrupt one is skipped with a warning."""
+def restore_latest(manager: ocp.CheckpointManager,
+                   abstract_state: dict | None = None) -> tuple[int, dict] | None:
+    """(step, state) of the newest checkpoint that restores; a corrupt one is skipped with a
+    warning. `abstract_state` gives shapes, dtypes and shardings; None restores as saved."""
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))
-            return restored["state"]
+            return step, restored["state"]
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
             warnings.warn(f"checkpoint at step {step} could not be restored ({type(err).__name__}:"
                           f" {err}); falling back to the previous one", stacklevel=2)
@@ -453,8 +455,10 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                             abstract, state_sharding)
 
     manager = make_manager(workdir, cfg)
-    state = restore_latest(manager, abstract)
-    if state is None:
+    restored = restore_latest(manager, abstract)
+    if restored is not None:
+        state = restored[1]
+    else:
         state = jax.jit(lambda: init_state(cfg, model, tx), out_shardings=state_sharding)()
     if jax.process_index() == 0:  # the config of the latest (re)start; the model part is fixed
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
