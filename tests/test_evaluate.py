@@ -120,6 +120,7 @@ def _finish(proc: subprocess.Popen) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
+@pytest.mark.slow  # three evaluation subprocesses, two of them a 2-process job: 1-2 min
 def test_same_result_on_1_and_8_devices_and_2_processes(folder, tmp_path):
     """Counts exactly equal and logits to 1e-5; the batch of 12 pads to 16 on 8 devices."""
     args = CLI + ["--data-dir", str(folder)]

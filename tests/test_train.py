@@ -92,6 +92,7 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow  # two training runs, one on 8 simulated devices: about 2-4 min on 2 cores
 def test_same_parameters_on_1_and_8_devices(folder, tmp_path):
     one, _ = run(tmp_path / "one", folder, "steps=4", "save_every=100")
     eight, _ = run(tmp_path / "eight", folder, "steps=4", "save_every=100", devices=8)
