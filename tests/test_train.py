@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -270,6 +271,25 @@ def test_ship_writes_a_loadable_model(folder, tmp_path):
     with pytest.raises(FileExistsError):
         ship(tmp_path / "run", tmp_path / "model")
 
+
+
+def test_ship_a_run_trained_on_another_device_count(folder, tmp_path):
+    # A pod's checkpoint is shipped on one host: restoring "as saved" refused the 2-device
+    # topology in this 1-device process and every checkpoint was reported unreadable.
+    from tome_jax.convert import flatten, load_pretrained
+    from train.ship import ship
+
+    trained, _ = run(tmp_path / "run", folder, "steps=2", "save_every=2", devices=2)
+    assert jax.device_count() == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no checkpoint may be skipped as unreadable
+        out, step = ship(tmp_path / "run", tmp_path / "model")
+    assert step == 2
+    shipped = flatten(load_pretrained(out)[1])
+    assert len(shipped) == len(trained)
+    for name, value in shipped.items():
+        key = "".join(f"['{part}']" for part in name.split("/"))
+        np.testing.assert_array_equal(np.asarray(value), trained[f"{key}"], err_msg=name)
 
 def test_modular_dtem_training_leaves_the_backbone_bit_identical(folder, tmp_path):
     from tome_jax.convert import flatten, load_pretrained

@@ -15,8 +15,16 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tome_jax import sharding
 from tome_jax.convert import flatten, save_converted
-from train.train import CheckpointError, Config, load_config, make_model, restore_latest
+from train.train import (
+    CheckpointError,
+    Config,
+    abstract_train_state,
+    load_config,
+    make_model,
+    restore_latest,
+)
 
 
 def model_config(cfg: Config) -> dict:
@@ -38,7 +46,10 @@ def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
     manager = ocp.CheckpointManager(checkpoints, item_names=("state", "meta"), options=options)
     if not manager.all_steps():
         raise FileNotFoundError(f"no checkpoint in {checkpoints}")
-    restored = restore_latest(manager)  # newest first; a corrupt one is skipped, as in training
+    # Into this process's devices, whatever device count the run was trained on; newest first,
+    # a corrupt checkpoint is skipped as in training.
+    _, _, abstract, _ = abstract_train_state(cfg, sharding.batch_mesh())
+    restored = restore_latest(manager, abstract)
     if restored is None:
         raise CheckpointError(f"none of the checkpoints {manager.all_steps()} in {checkpoints} "
                               "could be restored")

@@ -326,6 +326,26 @@ def check_workdir(workdir: Path, cfg: Config) -> None:
                              f"config: {diff}); use a new workdir")
 
 
+def abstract_train_state(cfg: Config, mesh) -> tuple[ViT, optax.GradientTransformation, dict,
+                                                     dict]:
+    """(model, optimizer, abstract state, state shardings) of a run on `mesh`'s devices.
+
+    Restoring into this target reshards a checkpoint written on any other device count (a pod's
+    checkpoint shipped or resumed on one host); restoring "as saved" needs the same topology.
+    """
+    model = make_model(cfg)
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    abstract_params = jax.eval_shape(model.clone(r=0).init, jax.random.key(0), images)["params"]
+    tx = make_optimizer(cfg, abstract_params)
+    abstract = jax.eval_shape(lambda: init_state(cfg, model, tx))
+    state_sharding = {"step": NamedSharding(mesh, P()),
+                      "params": param_sharding(abstract["params"], mesh, cfg.fsdp),
+                      "opt_state": param_sharding(abstract["opt_state"], mesh, cfg.fsdp)}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sharding)
+    return model, tx, abstract, state_sharding
+
+
 def restore_latest(manager: ocp.CheckpointManager,
                    abstract_state: dict | None = None) -> tuple[int, dict] | None:
     """(step, state) of the newest checkpoint that restores; a corrupt one is skipped with a
@@ -443,17 +463,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
     if cfg.batch_size % n_devices:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_devices} "
                          "devices; training batches are not padded")
-    model = make_model(cfg)
-    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
-    abstract_params = jax.eval_shape(model.clone(r=0).init, jax.random.key(0), images)["params"]
-    tx = make_optimizer(cfg, abstract_params)
-    abstract = jax.eval_shape(lambda: init_state(cfg, model, tx))
-    state_sharding = {"step": NamedSharding(mesh, P()),
-                      "params": param_sharding(abstract["params"], mesh, cfg.fsdp),
-                      "opt_state": param_sharding(abstract["opt_state"], mesh, cfg.fsdp)}
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_sharding)
-
+    model, tx, abstract, state_sharding = abstract_train_state(cfg, mesh)
     manager = make_manager(workdir, cfg)
     restored = restore_latest(manager, abstract)
     if restored is not None:
