@@ -272,7 +272,6 @@ def test_ship_writes_a_loadable_model(folder, tmp_path):
         ship(tmp_path / "run", tmp_path / "model")
 
 
-
 def test_ship_a_run_trained_on_another_device_count(folder, tmp_path):
     # A pod's checkpoint is shipped on one host: restoring "as saved" refused the 2-device
     # topology in this 1-device process and every checkpoint was reported unreadable.
@@ -289,7 +288,8 @@ def test_ship_a_run_trained_on_another_device_count(folder, tmp_path):
     assert len(shipped) == len(trained)
     for name, value in shipped.items():
         key = "".join(f"['{part}']" for part in name.split("/"))
-        np.testing.assert_array_equal(np.asarray(value), trained[f"{key}"], err_msg=name)
+        np.testing.assert_array_equal(np.asarray(value), trained[key], err_msg=name)
+
 
 def test_modular_dtem_training_leaves_the_backbone_bit_identical(folder, tmp_path):
     from tome_jax.convert import flatten, load_pretrained
