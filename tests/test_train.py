@@ -274,12 +274,12 @@ def test_ship_writes_a_loadable_model(folder, tmp_path):
 
 def test_ship_a_run_trained_on_another_device_count(folder, tmp_path):
     # A pod's checkpoint is shipped on one host: restoring "as saved" refused the 2-device
-    # topology in this 1-device process and every checkpoint was reported unreadable.
+    # topology in a 1-device process and every checkpoint was reported unreadable.
     from tome_jax.convert import flatten, load_pretrained
     from train.ship import ship
 
-    trained, _ = run(tmp_path / "run", folder, "steps=2", "save_every=2", devices=2)
-    assert jax.device_count() == 1
+    other = 2 if jax.device_count() != 2 else 1  # any count but this process's
+    trained, _ = run(tmp_path / "run", folder, "steps=2", "save_every=2", devices=other)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no checkpoint may be skipped as unreadable
         out, step = ship(tmp_path / "run", tmp_path / "model")
