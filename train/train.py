@@ -347,9 +347,10 @@ def abstract_train_state(cfg: Config, mesh) -> tuple[ViT, optax.GradientTransfor
 
 
 def restore_latest(manager: ocp.CheckpointManager,
-                   abstract_state: dict | None = None) -> tuple[int, dict] | None:
+                   abstract_state: dict) -> tuple[int, dict] | None:
     """(step, state) of the newest checkpoint that restores; a corrupt one is skipped with a
-    warning. `abstract_state` gives shapes, dtypes and shardings; None restores as saved."""
+    warning. `abstract_state` (from `abstract_train_state`) gives shapes, dtypes and the
+    shardings to restore into; required, since restoring as saved fails on another topology."""
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
