@@ -33,6 +33,7 @@ def test_paired_difference_rejects_mismatched_inputs():
         paired.paired_difference(np.ones(3, bool), np.ones(4, bool))
 
 
+@pytest.mark.slow  # two models over the 1,000 shipped images: about 1-2 min on 2 cores
 def test_cli_on_the_shipped_images(tmp_path):
     """A model against itself: no discordant image, difference 0, p = 1."""
     out = tmp_path / "paired.md"
