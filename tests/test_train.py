@@ -1,5 +1,6 @@
 """The training loop: learning, device-count invariance, exact resume, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -231,6 +232,28 @@ def test_failed_writes_during_save_keep_the_previous_checkpoint(folder, tmp_path
     resumed, _ = run(workdir, folder, *steps)  # room again: resumes from step 2
     assert checkpoint_steps(workdir)[-1] == 6
     assert_same(whole, resumed)
+
+
+def test_wsd_schedule_is_warmup_constant_then_one_minus_sqrt_decay():
+    cfg = T.load_config(None, ["schedule=wsd", "lr=1e-3", "min_lr=1e-5", "warmup_steps=10",
+                               "steps=100", "decay_steps=40"])
+    lr = T.lr_schedule(cfg)
+    np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(59), lr(60)],
+                               [0.0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+    np.testing.assert_allclose(lr(70), 1e-3 - (1e-3 - 1e-5) * np.sqrt(0.25), rtol=1e-6)
+    np.testing.assert_allclose(lr(100), 1e-5, rtol=1e-4)
+    # A cooldown branch taken later (larger steps) follows the same lr until its own decay.
+    branch = T.lr_schedule(dataclasses.replace(cfg, steps=500, decay_steps=100))
+    np.testing.assert_allclose([branch(c) for c in range(0, 400, 7)],
+                               [1e-3 * min(c / 10, 1.0) for c in range(0, 400, 7)], rtol=1e-6)
+    assert branch(450) < 1e-3 and abs(branch(500) - 1e-5) < 1e-8
+
+
+def test_bad_schedule_settings_are_refused():
+    with pytest.raises(ValueError, match="'linear' is not 'cosine' or 'wsd'"):
+        T.lr_schedule(T.load_config(None, ["schedule=linear"]))
+    with pytest.raises(ValueError, match="0 < decay_steps <= steps - warmup_steps"):
+        T.lr_schedule(T.load_config(None, ["schedule=wsd", "steps=100", "warmup_steps=10"]))
 
 
 def test_unknown_config_key_lists_valid_ones():

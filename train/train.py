@@ -78,6 +78,8 @@ class Config:
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
+    schedule: str = "cosine"  # "cosine", or "wsd": warm-up, constant, then decay_steps of decay
+    decay_steps: int = 0  # wsd only: the last decay_steps fall from lr to min_lr (1 - sqrt)
     weight_decay: float = 0.05
     b1: float = 0.9
     b2: float = 0.999
@@ -186,10 +188,34 @@ def path_names(tree: Any) -> Any:
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
-    """Warm-up then cosine decay, counted in optimizer updates (micro-steps / accum_steps)."""
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps // cfg.accum_steps, cfg.warmup_steps + 1),
-        cfg.min_lr)
+    """Warm-up then decay, counted in optimizer updates (micro-steps / accum_steps).
+
+    "cosine" decays over the whole run, so its length must be known from the start. "wsd"
+    (warm-up, stable, decay) holds the peak until the last `decay_steps`: a run of unknown
+    length trains at a constant lr with a large `steps`, and a copy of its workdir resumed with
+    `steps=<now + D> decay_steps=D` is a finished model at any point (Hagele et al. 2024, "Scaling
+    laws and compute-optimal training beyond fixed training durations", whose 1 - sqrt cooldown
+    this is), while the original goes on.
+    """
+    total = max(cfg.steps // cfg.accum_steps, cfg.warmup_steps + 1)
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, total,
+                                                  cfg.min_lr)
+    if cfg.schedule != "wsd":
+        raise ValueError(f"schedule {cfg.schedule!r} is not 'cosine' or 'wsd'")
+    decay = cfg.decay_steps // cfg.accum_steps
+    if not 0 < decay <= total - cfg.warmup_steps:
+        raise ValueError(f"wsd needs 0 < decay_steps <= steps - warmup_steps (in updates: "
+                         f"{decay} of {total - cfg.warmup_steps})")
+    start = total - decay
+
+    def wsd(count):
+        warm = cfg.lr * count / max(cfg.warmup_steps, 1)
+        frac = jnp.clip((count - start) / decay, 0.0, 1.0)
+        return jnp.where(count < cfg.warmup_steps, warm,
+                         cfg.lr - (cfg.lr - cfg.min_lr) * jnp.sqrt(frac))
+
+    return wsd
 
 
 def make_optimizer(cfg: Config, params: Any) -> optax.GradientTransformation:
