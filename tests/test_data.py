@@ -119,9 +119,10 @@ def test_train_stream_is_seeded_and_augmented(folder):
         assert tuple(out.shape) == (16, 16, 3)
 
 
-def test_train_stream_resumes_exactly_at_any_batch(folder):
+@pytest.mark.parametrize("randaugment", [None, (2, 9.0)])
+def test_train_stream_resumes_exactly_at_any_batch(folder, randaugment):
     a = data.make_dataset("image_folder", "train", batch_size=8, image_size=16, data_dir=folder,
-                          train=True, shuffle_seed=3)
+                          train=True, shuffle_seed=3, randaugment=randaugment)
     it = iter(a)
     stream = [next(it) for _ in range(8)]  # 3 batches per epoch: crosses two epoch boundaries
     # Every epoch is a permutation of the whole split (each example once).
@@ -135,6 +136,18 @@ def test_train_stream_resumes_exactly_at_any_batch(folder):
             got = next(resumed)
             np.testing.assert_array_equal(got["image"], want["image"])
             np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_randaugment_changes_images_but_not_order_labels_or_crops(folder):
+    kw = dict(batch_size=8, image_size=16, data_dir=folder, train=True, shuffle_seed=3)
+    plain = next(iter(data.make_dataset("image_folder", "train", **kw)))
+    augmented = next(iter(data.make_dataset("image_folder", "train", randaugment=(2, 9.0), **kw)))
+    none = next(iter(data.make_dataset("image_folder", "train", randaugment=(0, 9.0), **kw)))
+    np.testing.assert_array_equal(plain["label"], augmented["label"])
+    np.testing.assert_array_equal(plain["image"], none["image"])  # crop and flip seeds kept
+    differs = [not np.allclose(p, a) for p, a in
+              zip(plain["image"], augmented["image"], strict=True)]
+    assert sum(differs) >= 5  # identity is one op of 14: a few images may come out unchanged
 
 
 def test_bad_input(folder, tmp_path, monkeypatch):

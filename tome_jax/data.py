@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tome_jax import randaugment as randaugment_lib
 from tome_jax import sources
 
 # The pipeline only runs on the host; keep TF from reserving accelerator memory that JAX needs.
@@ -104,8 +105,12 @@ def eval_transform(image: tf.Tensor, image_size: int, crop: float) -> tf.Tensor:
     return image[top:top + image_size, left:left + image_size]
 
 
-def train_transform(image: tf.Tensor, image_size: int, aug: str, seed: tf.Tensor) -> tf.Tensor:
-    """[h, w, 3] -> [S, S, 3] float32 0..255, randomly cropped and flipped; seed [2] int."""
+def train_transform(image: tf.Tensor, image_size: int, aug: str, seed: tf.Tensor,
+                    randaugment: tuple[int, float] | None = None) -> tf.Tensor:
+    """[h, w, 3] -> [S, S, 3] float32 0..255, randomly cropped and flipped; seed [2] int.
+
+    randaugment: (num_ops, magnitude) of `tome_jax.randaugment`, applied after the flip.
+    """
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if aug == "inception":
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -120,7 +125,12 @@ def train_transform(image: tf.Tensor, image_size: int, aug: str, seed: tf.Tensor
         image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), crop_seed)
     else:
         raise ValueError(f"unknown train augmentation {aug!r}")
-    return tf.image.stateless_random_flip_left_right(image, flip_seed)
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if randaugment:
+        # A seed of its own (folded in, not split off) keeps crop and flip as they were without it.
+        ra_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        image = randaugment_lib.randaugment(image, *randaugment, seed=ra_seed)
+    return image
 
 
 def host_slice(n: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -207,13 +217,15 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
                  data_dir: str | os.PathLike | None = None, shuffle_seed: int = 0,
                  eval_crop: float | None = None, prefetch: int = 2,
                  shuffle_buffer: int = 10_000, process_index: int | None = None,
-                 process_count: int | None = None) -> Batches:
+                 process_count: int | None = None,
+                 randaugment: tuple[int, float] | None = None) -> Batches:
     """Batches of a named dataset (`tome_jax.sources.NAMES`) for this process; see module doc.
 
     batch_size: global batch over all processes. split: a tfds split spec ("test",
       "test[:40]", "train[:90%]"); "validation" of ImageNet is its eval split.
     data_dir: where the source lives (see `tome_jax.sources`); None: its default.
     eval_crop: overrides the dataset's center crop fraction (`RECIPES`).
+    randaugment: (num_ops, magnitude) adds RandAugment to training augmentation; None: off.
     process_index / process_count: default to JAX's (set them to test sharding).
     """
     if name not in sources.NAMES:
@@ -271,7 +283,7 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
 
             def train_map(i, ex):
                 image = train_transform(decode(ex["image"]), image_size, recipe.train_aug,
-                                        tf.stack([tf.constant(seed, tf.int64), i]))
+                                        tf.stack([tf.constant(seed, tf.int64), i]), randaugment)
                 return {"image": normalize(image, normalization),
                         "label": tf.cast(ex["label"], tf.int32),
                         "mask": tf.constant(True), "index": tf.constant(-1, tf.int32)}

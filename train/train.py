@@ -73,6 +73,8 @@ class Config:
     eval_split: str = "test"
     normalization: str = "augreg"
     batch_size: int = 128  # global, over all devices and processes
+    randaug_ops: int = 0  # RandAugment ops per training image; 0 = off
+    randaug_magnitude: float = 9.0  # 0..10
     # Optimisation.
     steps: int = 1000
     lr: float = 1e-3
@@ -162,7 +164,8 @@ def make_input(cfg: Config, train: bool) -> data.Batches:
         cfg.dataset, cfg.train_split if train else cfg.eval_split,
         batch_size=cfg.batch_size if train else cfg.eval_batch_size,
         image_size=cfg.image_size, normalization=cfg.normalization, train=train,
-        data_dir=cfg.data_dir or None, shuffle_seed=cfg.seed)
+        data_dir=cfg.data_dir or None, shuffle_seed=cfg.seed,
+        randaugment=(cfg.randaug_ops, cfg.randaug_magnitude) if cfg.randaug_ops else None)
 
 
 # ----------------------------------------------------------------------------------------------
