@@ -22,7 +22,7 @@ from train import train as T
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset=image_folder", "variant=mu/8", "num_classes=3", "image_size=16",
         "batch_size=8", "eval_every=0", "log_every=2", "warmup_steps=2", "r=1", "seed=3",
-        "dropout=0.1", "mixup=0.2", "cutmix=0.5", "keep=10"]
+        "dropout=0.1", "mixup=0.2", "cutmix=0.5", "keep=10", "randaug_ops=1"]
 
 # Runs train() in a fresh process (device count and kills need their own process) and writes
 # the final parameters to <workdir>/final.npz.
