@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from tome_jax import sharding
 from tome_jax.convert import flatten, save_converted
 from train.train import (
+    CHECKPOINT_ITEMS,
     CheckpointError,
     Config,
     abstract_train_state,
@@ -43,7 +44,8 @@ def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
     cfg = load_config(str(workdir / "config.json"), [])
     checkpoints = (workdir / "checkpoints").resolve()
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager(checkpoints, item_names=("state", "meta"), options=options)
+    manager = ocp.CheckpointManager(checkpoints, item_names=CHECKPOINT_ITEMS,
+                                   options=options)
     if not manager.all_steps():
         raise FileNotFoundError(f"no checkpoint in {checkpoints}")
     # Into this process's devices, whatever device count the run was trained on; newest first,

@@ -331,6 +331,9 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, cfg: Config):
 # ----------------------------------------------------------------------------------------------
 
 
+CHECKPOINT_ITEMS = ("state", "meta")  # the train state; its step and model fingerprint (JSON)
+
+
 def make_manager(workdir: Path, cfg: Config) -> ocp.CheckpointManager:
     # A kill mid-save leaves a temporary folder, never a half checkpoint: orbax renames the
     # folder only once it is complete, and cleans the leftovers up on the next start.
@@ -338,7 +341,7 @@ def make_manager(workdir: Path, cfg: Config) -> ocp.CheckpointManager:
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True)
     return ocp.CheckpointManager(workdir / "checkpoints", options=options,
-                                 item_names=("state", "meta"))
+                                 item_names=CHECKPOINT_ITEMS)
 
 
 def check_workdir(workdir: Path, cfg: Config) -> None:
