@@ -148,6 +148,8 @@ def test_randaugment_changes_images_but_not_order_labels_or_crops(folder):
     differs = [not np.allclose(p, a) for p, a in
               zip(plain["image"], augmented["image"], strict=True)]
     assert sum(differs) >= 5  # identity is one op of 14: a few images may come out unchanged
+    with pytest.raises(ValueError, match="magnitude must be in \\[0, 10\\], got 12"):
+        data.make_dataset("image_folder", "train", randaugment=(2, 12.0), **kw)
 
 
 def test_bad_input(folder, tmp_path, monkeypatch):

@@ -236,6 +236,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, "
                          f"{image_size}")
+    if randaugment:
+        randaugment_lib.check_settings(*randaugment)  # now, not when the first batch is read
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     recipe = RECIPES[name]

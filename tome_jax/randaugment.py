@@ -175,12 +175,17 @@ def apply_op(image: tf.Tensor, op: int | tf.Tensor, magnitude: float,
     return tf.ensure_shape(out, image.shape)
 
 
-def randaugment(image: tf.Tensor, num_ops: int, magnitude: float, seed: tf.Tensor) -> tf.Tensor:
-    """[H, W, 3] float 0..255 -> same, after `num_ops` random ops; seed [2] int."""
+def check_settings(num_ops: int, magnitude: float) -> None:
+    """Raises ValueError naming the bad setting."""
     if not 0 <= magnitude <= 10:
         raise ValueError(f"RandAugment magnitude must be in [0, 10], got {magnitude}")
     if num_ops < 0:
         raise ValueError(f"RandAugment num_ops must be >= 0, got {num_ops}")
+
+
+def randaugment(image: tf.Tensor, num_ops: int, magnitude: float, seed: tf.Tensor) -> tf.Tensor:
+    """[H, W, 3] float 0..255 -> same, after `num_ops` random ops; seed [2] int."""
+    check_settings(num_ops, magnitude)
     seeds = tf.random.experimental.stateless_split(seed, max(2 * num_ops, 1))
     for i in range(num_ops):
         op = tf.random.stateless_uniform([], seeds[2 * i], 0, len(OPS), tf.int32)
