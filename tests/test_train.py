@@ -216,6 +216,7 @@ except CheckpointError as err:
 """
 
 
+@pytest.mark.slow  # several training runs, one with writes refused: 1-3 min
 def test_failed_writes_during_save_keep_the_previous_checkpoint(folder, tmp_path):
     steps = ["steps=6", "save_every=2"]
     whole, _ = run(tmp_path / "whole", folder, *steps)
@@ -317,6 +318,7 @@ def test_ship_a_run_trained_on_another_device_count(folder, tmp_path):
         np.testing.assert_array_equal(np.asarray(value), trained[key], err_msg=name)
 
 
+@pytest.mark.slow  # a DTEM training run in a subprocess: 1-1.5 min
 def test_modular_dtem_training_leaves_the_backbone_bit_identical(folder, tmp_path):
     from tome_jax.convert import flatten, load_pretrained
     from train.ship import ship
