@@ -38,6 +38,7 @@ import tensorflow_datasets as tfds
 
 from tome_jax import randaugment as randaugment_lib
 from tome_jax import sources
+from tome_jax.sharding import host_slice
 
 # The pipeline only runs on the host; keep TF from reserving accelerator memory that JAX needs.
 tf.config.set_visible_devices([], "GPU")
@@ -131,13 +132,6 @@ def train_transform(image: tf.Tensor, image_size: int, aug: str, seed: tf.Tensor
         ra_seed = tf.random.experimental.stateless_fold_in(seed, 1)
         image = randaugment_lib.randaugment(image, *randaugment, seed=ra_seed)
     return image
-
-
-def host_slice(n: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """[start, stop) of this process's contiguous share of n examples (sizes differ by <= 1)."""
-    per, extra = divmod(n, process_count)
-    start = process_index * per + min(process_index, extra)
-    return start, start + per + (process_index < extra)
 
 
 def resolve_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[str, int, int]:

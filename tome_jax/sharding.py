@@ -87,6 +87,13 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
             for k, v in batch.items()}
 
 
+def host_slice(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[start, stop) of this process's contiguous share of n examples (sizes differ by <= 1)."""
+    per, extra = divmod(n, process_count)
+    start = process_index * per + min(process_index, extra)
+    return start, start + per + (process_index < extra)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree (the same values on every process) on all devices of the mesh."""
     sharding = replicated(mesh)

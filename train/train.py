@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tome_jax import data, sharding
+from tome_jax import sharding
 from tome_jax.schedule import parse_schedule
 from tome_jax.vit import ViT
 
@@ -73,6 +73,11 @@ class Config:
     eval_split: str = "test"
     normalization: str = "augreg"
     batch_size: int = 128  # global, over all devices and processes
+    # "host": tf.data on the host CPUs, any dataset and augmentation. "device": the whole split
+    # decoded once (no TensorFlow) into accelerator memory and augmented there, CIFAR style
+    # (pad-crop-flip); for small image-folder datasets, whose JPEGs the host cannot feed fast
+    # enough to an accelerator (tome_jax.memory_data).
+    input_pipeline: str = "host"
     randaug_ops: int = 0  # RandAugment ops per training image; 0 = off
     randaug_magnitude: float = 9.0  # 0..10
     # Optimisation.
@@ -159,13 +164,48 @@ def param_sharding(tree: Any, mesh, fsdp: bool) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_input(cfg: Config, train: bool) -> data.Batches:
+def make_input(cfg: Config, train: bool):
+    """The host pipeline's batches (`tome_jax.data.Batches`)."""
+    from tome_jax import data  # TensorFlow: only for the host pipeline
+
     return data.make_dataset(
         cfg.dataset, cfg.train_split if train else cfg.eval_split,
         batch_size=cfg.batch_size if train else cfg.eval_batch_size,
         image_size=cfg.image_size, normalization=cfg.normalization, train=train,
         data_dir=cfg.data_dir or None, shuffle_seed=cfg.seed,
         randaugment=(cfg.randaug_ops, cfg.randaug_magnitude) if cfg.randaug_ops else None)
+
+
+DEVICE_INPUT_DATASETS = ("cifar10_jpeg", "image_folder")
+
+
+def check_input_settings(cfg: Config) -> None:
+    if cfg.input_pipeline not in ("host", "device"):
+        raise ValueError(f"input_pipeline {cfg.input_pipeline!r} is not 'host' or 'device'")
+    if cfg.input_pipeline == "device":
+        if cfg.dataset not in DEVICE_INPUT_DATASETS:
+            raise ValueError(f"input_pipeline=device reads image folders "
+                             f"{DEVICE_INPUT_DATASETS}, not {cfg.dataset!r}")
+        if cfg.randaug_ops:
+            raise ValueError("input_pipeline=device augments with pad-crop-flip only; "
+                             "RandAugment (randaug_ops) needs input_pipeline=host")
+
+
+def read_split(cfg: Config, train: bool):
+    """The split decoded into memory (`memory_data.ImageArrays`), for input_pipeline=device."""
+    from tome_jax import memory_data
+
+    source = cfg.data_dir
+    if not source:
+        from tome_jax import sources
+
+        source = sources.default_data_dir(cfg.dataset)
+    split = cfg.train_split if train else cfg.eval_split
+    arrays = memory_data.read_image_folder(source, split, cfg.image_size)
+    if arrays.num_classes != cfg.num_classes:
+        raise ValueError(f"{source} split {split!r} has {arrays.num_classes} classes, the config "
+                         f"num_classes={cfg.num_classes}")
+    return arrays
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,12 +482,18 @@ def _report_failed_save(manager: ocp.CheckpointManager, err: Exception) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_eval(cfg: Config, model: ViT, params: Any, mesh) -> dict:
+def run_eval(cfg: Config, model: ViT, params: Any, mesh, eval_split=None) -> dict:
+    """Top-1/top-5 on cfg.eval_split; eval_split: its decoded arrays (input_pipeline=device)."""
     from eval.evaluate import evaluate
 
+    if eval_split is None:
+        batches = make_input(cfg, train=False)
+    else:
+        from tome_jax import memory_data
+
+        batches = memory_data.eval_batches(eval_split, cfg.eval_batch_size, cfg.normalization)
     # DTEM's soft merging is for training; evaluation uses the hard matching, as at inference.
-    result = evaluate(model.clone(soft_merge=False), params, make_input(cfg, train=False),
-                      mesh=mesh,
+    result = evaluate(model.clone(soft_merge=False), params, batches, mesh=mesh,
                       num_classes=cfg.num_classes)
     return {"eval_top1": result["top1"], "eval_top5": result["top5"],
             "eval_count": result["count"]}
@@ -488,6 +534,7 @@ class MetricLog:
 def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> dict:
     """Trains to cfg.steps (or stop_after steps from the start); returns the final state."""
     workdir = Path(workdir)
+    check_input_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     check_workdir(workdir, cfg)
 
@@ -512,7 +559,20 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                          in_shardings=(state_sharding, batch_sh),
                          out_shardings=(state_sharding, NamedSharding(mesh, P())),
                          donate_argnums=0)
-    batches = make_input(cfg, train=True).iterate_from(start)
+    eval_split = None
+    if cfg.input_pipeline == "device":
+        from tome_jax import memory_data
+
+        stream = memory_data.DeviceStream(read_split(cfg, train=True),
+                                          batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
+                                          normalization=cfg.normalization)
+        batches = memory_data.iterate(stream, start)
+        if cfg.eval_every:
+            eval_split = read_split(cfg, train=False)
+    else:
+        host = make_input(cfg, train=True).iterate_from(start)
+        batches = (sharding.global_batch({"image": b["image"], "label": b["label"]}, mesh)
+                   for b in host)
 
     stop = {"now": False}
     previous_handler = signal.getsignal(signal.SIGTERM)
@@ -529,10 +589,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
     saved = True
     try:
         for step in range(start, end):
-            host_batch = next(batches)
-            batch = sharding.global_batch(
-                {"image": host_batch["image"], "label": host_batch["label"]}, mesh)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, next(batches))
             window.append(metrics)
             done = step + 1
             stopping = agree_to_stop(stop["now"])
@@ -549,7 +606,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
             if done % cfg.save_every == 0 or done == end or stopping:
                 saved = save(manager, state, cfg, force=stopping or done == end)
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                log.write(done, run_eval(cfg, model, state["params"], mesh))
+                log.write(done, run_eval(cfg, model, state["params"], mesh, eval_split))
                 t_window = time.perf_counter()  # keep eval time out of the step time
             if stopping:
                 logging.warning("SIGTERM%s: saved step %d, exiting",
