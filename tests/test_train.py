@@ -260,6 +260,43 @@ def test_bad_schedule_settings_are_refused():
         T.lr_schedule(T.load_config(None, ["schedule=wsd", "steps=100", "warmup_steps=10"]))
 
 
+def test_device_input_pipeline_trains_and_evaluates(folder, tmp_path):
+    cfg = T.load_config(None, TINY + [f"data_dir={folder}", "input_pipeline=device",
+                                      "steps=2", "save_every=2", "eval_every=2"])
+    T.train(cfg, tmp_path)
+    assert checkpoint_steps(tmp_path) == [2]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["eval_count"] for r in rows if "eval_top1" in r] == [12]  # the test split, once
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_device_input_pipeline_resumes_exactly(folder, tmp_path):
+    # Its batch is a function of the step, so a run stopped and resumed ends with the
+    # parameters of one that was not (in-process: SIGKILL is tested on the host pipeline,
+    # whose stream has real state to restore).
+    cfg = T.load_config(None, TINY + [f"data_dir={folder}", "input_pipeline=device",
+                                      "steps=6", "save_every=2"])
+    whole = T.train(cfg, tmp_path / "whole")
+    T.train(cfg, tmp_path / "split", stop_after=3)  # saves step 3 as it stops
+    resumed = T.train(cfg, tmp_path / "split")
+    for a, b in zip(jax.tree.leaves(whole["params"]), jax.tree.leaves(resumed["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_input_pipeline_settings_are_refused(folder, tmp_path):
+    base = TINY + [f"data_dir={folder}"]
+    for extra, message in [
+            (["input_pipeline=disk"], "'disk' is not 'host' or 'device'"),
+            (["input_pipeline=device", "randaug_ops=2"], "RandAugment .* needs input_pipeline"),
+            (["input_pipeline=device", "dataset=cifar10"], "reads image folders"),
+            (["input_pipeline=device", "num_classes=4"], "has 3 classes, the config num_cl")]:
+        with pytest.raises(ValueError, match=message):
+            T.train(T.load_config(None, base + extra), tmp_path / "w")
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
 def test_unknown_config_key_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\].*'lr'"):
         T.load_config(None, ["learning_rate=0.1"])

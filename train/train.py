@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tome_jax import sharding
+from tome_jax import memory_data, sharding
 from tome_jax.schedule import parse_schedule
 from tome_jax.vit import ViT
 
@@ -193,8 +193,6 @@ def check_input_settings(cfg: Config) -> None:
 
 def read_split(cfg: Config, train: bool):
     """The split decoded into memory (`memory_data.ImageArrays`), for input_pipeline=device."""
-    from tome_jax import memory_data
-
     source = cfg.data_dir
     if not source:
         from tome_jax import sources
@@ -489,8 +487,6 @@ def run_eval(cfg: Config, model: ViT, params: Any, mesh, eval_split=None) -> dic
     if eval_split is None:
         batches = make_input(cfg, train=False)
     else:
-        from tome_jax import memory_data
-
         batches = memory_data.eval_batches(eval_split, cfg.eval_batch_size, cfg.normalization)
     # DTEM's soft merging is for training; evaluation uses the hard matching, as at inference.
     result = evaluate(model.clone(soft_merge=False), params, batches, mesh=mesh,
@@ -543,6 +539,13 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
     if cfg.batch_size % n_devices:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_devices} "
                          "devices; training batches are not padded")
+    eval_split = None
+    if cfg.input_pipeline == "device":  # read (and checked) before anything is written
+        stream = memory_data.DeviceStream(read_split(cfg, train=True),
+                                          batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
+                                          normalization=cfg.normalization)
+        if cfg.eval_every:
+            eval_split = read_split(cfg, train=False)
     model, tx, abstract, state_sharding = abstract_train_state(cfg, mesh)
     manager = make_manager(workdir, cfg)
     restored = restore_latest(manager, abstract)
@@ -559,16 +562,8 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                          in_shardings=(state_sharding, batch_sh),
                          out_shardings=(state_sharding, NamedSharding(mesh, P())),
                          donate_argnums=0)
-    eval_split = None
     if cfg.input_pipeline == "device":
-        from tome_jax import memory_data
-
-        stream = memory_data.DeviceStream(read_split(cfg, train=True),
-                                          batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
-                                          normalization=cfg.normalization)
         batches = memory_data.iterate(stream, start)
-        if cfg.eval_every:
-            eval_split = read_split(cfg, train=False)
     else:
         host = make_input(cfg, train=True).iterate_from(start)
         batches = (sharding.global_batch({"image": b["image"], "label": b["label"]}, mesh)
