@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +206,27 @@ def read_split(cfg: Config, train: bool):
         raise ValueError(f"{source} split {split!r} has {arrays.num_classes} classes, the config "
                          f"num_classes={cfg.num_classes}")
     return arrays
+
+
+def make_train_batches(cfg: Config, mesh) -> tuple[Callable[[int], Iterator[dict]], Any]:
+    """(start -> the global training batches from batch `start` on, the eval split's arrays).
+
+    The eval arrays are None except for input_pipeline=device, which reads and checks both
+    splits here, before the run writes anything.
+    """
+    if cfg.input_pipeline == "device":
+        stream = memory_data.DeviceStream(read_split(cfg, train=True),
+                                          batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
+                                          normalization=cfg.normalization)
+        eval_split = read_split(cfg, train=False) if cfg.eval_every else None
+        return functools.partial(memory_data.iterate, stream), eval_split
+    host = make_input(cfg, train=True)
+
+    def from_batch(start: int) -> Iterator[dict]:
+        for b in host.iterate_from(start):
+            yield sharding.global_batch({"image": b["image"], "label": b["label"]}, mesh)
+
+    return from_batch, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,13 +562,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
     if cfg.batch_size % n_devices:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_devices} "
                          "devices; training batches are not padded")
-    eval_split = None
-    if cfg.input_pipeline == "device":  # read (and checked) before anything is written
-        stream = memory_data.DeviceStream(read_split(cfg, train=True),
-                                          batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
-                                          normalization=cfg.normalization)
-        if cfg.eval_every:
-            eval_split = read_split(cfg, train=False)
+    batches_from, eval_split = make_train_batches(cfg, mesh)
     model, tx, abstract, state_sharding = abstract_train_state(cfg, mesh)
     manager = make_manager(workdir, cfg)
     restored = restore_latest(manager, abstract)
@@ -562,12 +579,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                          in_shardings=(state_sharding, batch_sh),
                          out_shardings=(state_sharding, NamedSharding(mesh, P())),
                          donate_argnums=0)
-    if cfg.input_pipeline == "device":
-        batches = memory_data.iterate(stream, start)
-    else:
-        host = make_input(cfg, train=True).iterate_from(start)
-        batches = (sharding.global_batch({"image": b["image"], "label": b["label"]}, mesh)
-                   for b in host)
+    batches = batches_from(start)
 
     stop = {"now": False}
     previous_handler = signal.getsignal(signal.SIGTERM)
