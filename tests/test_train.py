@@ -118,6 +118,26 @@ def test_two_process_run(folder, tmp_path):
 
 
 @pytest.mark.slow  # two processes, as test_two_process_run
+def test_two_processes_with_the_device_pipeline_match_one(folder, tmp_path):
+    # Every process holds the whole split and draws the same global batch, so 2 processes of
+    # 1 device train exactly what 1 process of 2 devices does (and evaluate the same split).
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    extra = ("steps=4", "save_every=2", "eval_every=4", "input_pipeline=device")
+    procs = [launch(tmp_path / "two", folder, *extra, COORDINATOR=f"localhost:{port}",
+                    PROCESS_ID=str(i)) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    one, _ = run(tmp_path / "one", folder, *extra, devices=2)
+    for i in range(2):
+        assert_same(dict(np.load(tmp_path / "two" / f"final{i}.npz")), one, atol=2e-5)
+    evals = [[json.loads(line) for line in (tmp_path / w / "metrics.jsonl").read_text()
+              .splitlines() if "eval_top1" in line] for w in ("two", "one")]
+    assert evals[0] == evals[1] and evals[0][0]["eval_count"] == 12
+
+
+@pytest.mark.slow  # two processes, as test_two_process_run
 def test_sigterm_on_one_process_stops_both_at_the_same_step(folder, tmp_path):
     """Preemption reaches pod hosts at different moments: the save must still be collective."""
     with socket.socket() as sock:
