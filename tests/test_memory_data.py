@@ -169,6 +169,9 @@ def test_bad_sources_are_named(folder, tmp_path):
         memory_data.read_image_folder(broken, "train", 32)
     with pytest.raises(FileNotFoundError):
         memory_data.read_image_folder(tmp_path / "missing.tar", "train", 32)
+    (tmp_path / "empty" / "train" / "x").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images under split 'train'"):
+        memory_data.read_image_folder(tmp_path / "empty", "train", 32)
     bad = tmp_path / "bad"
     (bad / "train" / "x").mkdir(parents=True)
     (bad / "train" / "x" / "0.jpg").write_bytes(b"not a jpeg")

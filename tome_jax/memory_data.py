@@ -66,25 +66,26 @@ def _members(source: Path, split: str) -> list[tuple[str, str, bytes]]:
         if not root.is_dir():
             splits = sorted(p.name for p in source.iterdir() if p.is_dir())
             raise ValueError(f"{source} has no split folder {split!r} (splits: {splits})")
+        splits = {split}
         for path in sorted(root.glob("*/*")):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 found.append((path.parent.name, path.name, path.read_bytes()))
-        return found
-    if not source.is_file():
+    elif not source.is_file():
         raise FileNotFoundError(f"image folder or archive not found: {source}")
-    splits = set()
-    try:
-        # "r:*" reads plain, gzip, bzip2 and xz tars alike; members may sit under one prefix.
-        with tarfile.open(source, "r:*") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if not member.isfile() or len(parts) < 3:
-                    continue
-                splits.add(parts[-3])
-                if parts[-3] == split and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
-                    found.append((parts[-2], parts[-1], tar.extractfile(member).read()))
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ValueError(f"corrupt or unreadable archive {source}: {e}") from e
+    else:
+        splits = set()
+        try:
+            # "r:*" reads plain, gzip, bzip2 and xz tars alike; members may sit under a prefix.
+            with tarfile.open(source, "r:*") as tar:
+                for member in tar:
+                    parts = member.name.split("/")
+                    if not member.isfile() or len(parts) < 3:
+                        continue
+                    splits.add(parts[-3])
+                    if parts[-3] == split and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
+                        found.append((parts[-2], parts[-1], tar.extractfile(member).read()))
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ValueError(f"corrupt or unreadable archive {source}: {e}") from e
     if not found:
         raise ValueError(f"{source} has no images under split {split!r} (splits: "
                          f"{sorted(splits)})")
@@ -186,7 +187,6 @@ class DeviceStream:
                              f"{mesh.devices.size} devices")
         normalize(np.zeros(3), normalization)  # names a bad normalization now
         self.steps_per_epoch = n // batch_size
-        self.num_classes = split.num_classes
         whole = sharding.replicated(mesh)
         # From each process's own copy: no transfer between hosts, any device count.
         self.images = jax.make_array_from_callback(split.images.shape, whole,
