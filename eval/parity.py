@@ -1,34 +1,6 @@
-"""Prints our ViT's parity with timm on the same random weights (needs the `test` extras).
+"""Our ViT's parity with timm on the same random weights. `python -m eval.parity --help`."""
 
-    python -m eval.parity
-
-r = 0: ViT-B/16 against timm's `vit_base_patch16_224`; r > 0: ViT-Ti/16 against timm's own
-layers with the NumPy re-derivation of the merge inserted (tests/timm_reference.py).
-"""
-
-import jax
-import numpy as np
-import timm
-
-from tests.timm_reference import timm_forward_with_tome, timm_to_params, vit_b16_r0_logits
-from tome_jax import ViT
-
-
-def main() -> None:
-    ours, want = vit_b16_r0_logits()
-    print(f"ViT-B/16 r=0: max abs logit difference {np.abs(ours - want).max():.2e}"
-          f" (logit std {want.std():.2f})")
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
-                            img_size=96).eval()
-    params = timm_to_params(ref)
-    x = np.random.default_rng(0).standard_normal((2, 96, 96, 3)).astype(np.float32)
-    for r in [4, (8, -1)]:
-        model = ViT(variant="Ti/16", num_classes=10, r=r)
-        ours, _ = jax.jit(model.apply)({"params": params}, x)
-        want = timm_forward_with_tome(ref, x, model.token_schedule(96)[0])
-        print(f"ViT-Ti/16 @96 r={r}: max abs logit difference "
-              f"{np.abs(np.asarray(ours) - want).max():.2e}")
-
+from tome_jax.cli.parity import main
 
 if __name__ == "__main__":
     main()

@@ -1,21 +1,25 @@
-"""eval.benchmark: schedule parsing, a tiny timed run, the table, the timm reference row."""
+"""The speed benchmark: schedule parsing, a tiny timed run, the table, the timm reference row,
+and its command line (`python -m eval.benchmark`)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
 
-from eval import benchmark as B
+from tome_jax import benchmark as B
+from tome_jax import torch_reference
+from tome_jax.cli import benchmark as cli
+from tome_jax.schedule import parse_schedule
 
 
 def test_parse_schedule():
-    assert B.parse_schedule("16") == 16
-    assert B.parse_schedule(" 16,-1 ") == (16, -1.0)
-    assert B.parse_schedule("8,0.5") == (8, 0.5)
-    assert B.parse_schedule("[8,8,4]") == [8, 8, 4]
-    assert B.parse_schedule("[8, 8, 4,]") == [8, 8, 4]
+    assert parse_schedule("16") == 16
+    assert parse_schedule(" 16,-1 ") == (16, -1.0)
+    assert parse_schedule("8,0.5") == (8, 0.5)
+    assert parse_schedule("[8,8,4]") == [8, 8, 4]
+    assert parse_schedule("[8, 8, 4,]") == [8, 8, 4]
     with pytest.raises(ValueError):
-        B.parse_schedule("eight")
+        parse_schedule("eight")
 
 
 def test_tiny_benchmark_rows_and_table():
@@ -60,10 +64,10 @@ def test_timm_reference_row():
 
 def test_timm_names():
     timm = pytest.importorskip("timm")
-    model = B.timm_vit("Ti/16", 32, num_classes=10)
+    model = torch_reference.timm_vit("Ti/16", 32, num_classes=10)
     assert model.default_cfg["architecture"] == "vit_tiny_patch16_224"
     assert model.patch_embed.img_size == (32, 32) and model.embed_dim == 192
-    custom = B.timm_vit("mu/4", 16)  # no timm name: built from the sizes
+    custom = torch_reference.timm_vit("mu/4", 16)  # no timm name: built from the sizes
     assert isinstance(custom, timm.models.vision_transformer.VisionTransformer)
     assert custom.embed_dim == 32 and len(custom.blocks) == 1
 
@@ -78,7 +82,7 @@ def _fake_rows(variant, batch, resolution, schedules, runs, warmup, dtype, metho
 
 def test_cli_one_table_per_batch_and_dtype(monkeypatch, capsys):
     monkeypatch.setattr(B, "benchmark", _fake_rows)
-    B.main(["--variant", "mu/4", "--resolution", "16", "--batch", "1", "3", "--dtype",
+    cli.main(["--variant", "mu/4", "--resolution", "16", "--batch", "1", "3", "--dtype",
             "float32", "bfloat16", "--report-rss"])
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("ViT-mu/4")]
@@ -91,7 +95,7 @@ def test_cli_one_table_per_batch_and_dtype(monkeypatch, capsys):
 def test_cli_vs_torch(monkeypatch, capsys):
     pytest.importorskip("timm")
     monkeypatch.setattr(B, "benchmark", _fake_rows)
-    B.main(["--variant", "mu/4", "--resolution", "16", "--batch", "2", "--runs", "1",
+    cli.main(["--variant", "mu/4", "--resolution", "16", "--batch", "2", "--runs", "1",
             "--vs-torch", "--torch-threads", "1"])
     out = capsys.readouterr().out
     assert f"| 0 | {B.TORCH_LABEL} | - | 17 |" in out and "1 threads, CPU" in out
@@ -107,7 +111,7 @@ def test_cli_defaults_unchanged(monkeypatch):
 
     monkeypatch.setattr(B, "benchmark", fake_benchmark)
     with pytest.raises(SystemExit):
-        B.main([])
+        cli.main([])
     variant, batch, resolution, schedules, runs, warmup, dtype, methods, metrics, dim = seen[
         "args"]
     assert (variant, batch, resolution, runs, warmup, dtype, methods, metrics, dim) == (
@@ -120,5 +124,24 @@ def test_bad_cli_input(capsys):
                           (["--dtype", "float16"], "invalid choice"),
                           (["--merge-method", "nope"], "invalid choice")):
         with pytest.raises(SystemExit):
-            B.main(argv)
+            cli.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_entry_points_and_lazy_torch():
+    """eval/ shims run the tome_jax commands; importing the library needs neither torch nor
+    timm (both are imported inside the functions that use them)."""
+    import subprocess
+    import sys
+
+    from eval import benchmark as benchmark_shim
+    from eval import parity as parity_shim
+    from tome_jax.cli import parity
+
+    assert benchmark_shim.main is cli.main and parity_shim.main is parity.main
+    assert cli.build_parser().prog == "python -m eval.benchmark"
+    code = ("import sys; sys.modules['torch'] = sys.modules['timm'] = None; "
+            "import tome_jax.benchmark, tome_jax.torch_reference, tome_jax.cli.parity")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr

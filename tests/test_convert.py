@@ -7,6 +7,7 @@ NHWC here). Parity bound: max abs difference <= 1e-4 in float32.
 """
 
 import argparse
+import json
 import os
 import pickle
 import subprocess
@@ -15,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -24,6 +24,8 @@ timm = pytest.importorskip("timm", reason="timm is the parity oracle (pip instal
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from tome_jax import convert as C  # noqa: E402
+from tome_jax.checkpoint import load_model  # noqa: E402
+from tome_jax.cli.convert import main as convert_main  # noqa: E402
 from tome_jax.vit import ViT  # noqa: E402
 
 TOL = 1e-4
@@ -526,11 +528,12 @@ def test_destination_is_atomic_and_loadable(tmp_path, tiny_checkpoint):
     C.convert(path, dst, num_heads=2)
     assert sorted(p.name for p in dst.iterdir()) == [C.CONFIG_FILE, C.PARAMS_FILE]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
-    model, params = C.load_pretrained(dst)
+    model, params, info = load_model(dst)
+    assert info.normalization == "imagenet" and info.image_size == (32, 32)
     x = images()
     logits, _ = model.apply({"params": params}, x.transpose(0, 2, 3, 1))
     assert_parity(np.asarray(logits), torch_forward(ref, x))
-    merged = C.load_pretrained(dst, r=2)[0]  # ToMe on at load time
+    merged = load_model(dst, r=2)[0]  # ToMe on at load time
     assert merged.r == 2 and merged.apply({"params": params}, x.transpose(0, 2, 3, 1))[
         1]["encoded"].shape[1] == 17 - 2 * 2
     with pytest.raises(FileExistsError):
@@ -549,7 +552,7 @@ def test_save_failure_midway_leaves_nothing(tmp_path, tiny_checkpoint, monkeypat
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(C.json, "dumps", boom)  # fails after params were written to temp
+    monkeypatch.setattr(json, "dumps", boom)  # fails after params were written to temp
     with pytest.raises(OSError, match="disk full"):
         C.convert(path, dst, num_heads=2)
     assert not dst.exists()
@@ -559,11 +562,11 @@ def test_save_failure_midway_leaves_nothing(tmp_path, tiny_checkpoint, monkeypat
 def test_cli_main_in_process(tmp_path, tiny_checkpoint, capsys):
     path, _ = tiny_checkpoint
     dst = tmp_path / "cli"
-    assert C.main([str(path), str(dst), "--num-classes", "3", "--num-heads", "2",
-                   "--image-size", "48"]) == 0
-    model, params = C.load_pretrained(dst)
+    assert convert_main([str(path), str(dst), "--num-classes", "3", "--num-heads", "2",
+                         "--image-size", "48"]) == 0
+    model, params, _ = load_model(dst)
     assert model.num_classes == 3 and params["pos_embedding"].shape == (1, 36, 64)
-    assert C.main([str(path), str(tmp_path / "bad"), "--variant", "B/16"]) == 1
+    assert convert_main([str(path), str(tmp_path / "bad"), "--variant", "B/16"]) == 1
     assert "shape mismatch" in capsys.readouterr().out
     assert not (tmp_path / "bad").exists()
 
@@ -592,30 +595,19 @@ def test_jit_forward_of_converted_params(tiny_checkpoint):
     assert_parity(np.asarray(out), torch_forward(ref, x))
 
 
-def test_load_converted_names_what_is_wrong(tmp_path):
-    from tome_jax import dtem
-
-    model = ViT(variant="mu/4", num_classes=3, dtem_dim=8)
-    x = jnp.zeros((1, 16, 16, 3))
-    flat = C.flatten(jax.device_get(model.init(jax.random.key(0), x)["params"]))
-    ok = C.save_converted(tmp_path / "ok", flat, {"variant": "mu/4", "num_classes": 3,
-                                                  "dtem_dim": 8}, (16, 16))
-    loaded, params, image_hw = C.load_converted(ok, r=2)
-    assert loaded.dtem_dim == 8 and loaded.r == 2 and image_hw == (16, 16)
-    # The DTEM embeddings without dtem_dim in the config: refused, not silently ignored.
-    no_dtem = C.save_converted(tmp_path / "no_dtem", flat, {"variant": "mu/4",
-                                                            "num_classes": 3}, (16, 16))
-    with pytest.raises(C.CheckpointError, match=f"unexpected.*{dtem.EMBED_NAME}"):
-        C.load_converted(no_dtem)
-    other = C.save_converted(tmp_path / "other", flat, {"variant": "mu/4", "num_classes": 5,
-                                                        "dtem_dim": 8}, (16, 16))
-    with pytest.raises(C.CheckpointError, match=r"head/kernel \(.*3\) vs \(.*5\)"):
-        C.load_converted(other)
-    with pytest.raises(C.CheckpointError, match="not a converted.*config.json is missing"):
-        C.load_converted(tmp_path)
-    (ok / C.PARAMS_FILE).write_bytes(b"\xc1 not msgpack")
-    with pytest.raises(C.CheckpointError, match="corrupt"):
-        C.load_converted(ok)
-    (other / C.CONFIG_FILE).write_text('{"model": {"variant": "mu/4", "bogus": 1}}')
-    with pytest.raises(C.CheckpointError, match="does not describe a tome_jax ViT"):
-        C.load_converted(other)
+def test_normalization_recorded_per_source_and_overridable(tmp_path, tiny_checkpoint, capsys):
+    """.npz weights expect AugReg's [-1, 1] inputs, PyTorch ones ImageNet mean/std."""
+    path, ref = tiny_checkpoint
+    C.convert(path, tmp_path / "torch", num_heads=2)
+    assert load_model(tmp_path / "torch")[2].normalization == "imagenet"
+    npz = tmp_path / "augreg.npz"
+    write_augreg_npz(ref, npz)
+    C.convert(npz, tmp_path / "npz")
+    assert load_model(tmp_path / "npz")[2].normalization == "augreg"
+    assert convert_main([str(path), str(tmp_path / "cli"), "--num-heads", "2",
+                         "--normalization", "unit"]) == 0
+    assert json.loads(capsys.readouterr().out)["normalization"] == "unit"
+    assert load_model(tmp_path / "cli")[2].normalization == "unit"
+    with pytest.raises(ValueError, match="unknown normalization 'bogus'"):
+        C.convert(path, tmp_path / "bogus", num_heads=2, normalization="bogus")
+    assert not (tmp_path / "bogus").exists()

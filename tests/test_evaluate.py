@@ -13,8 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from eval import evaluate as ev
 from tome_jax import data, sharding, sources
+from tome_jax.checkpoint import save_model
+from tome_jax.cli.evaluate import main
+from tome_jax.evaluation import evaluate
+from tome_jax.params import random_params
 from tome_jax.vit import ViT
 
 N = 37  # examples; divides neither the batch sizes nor the device counts used
@@ -36,8 +39,8 @@ def _batches(folder, **kw):
 
 def test_matches_unsharded_reference(folder):
     model = ViT(**MODEL)
-    params = ev.random_params(model, 16, seed=3)
-    result = ev.evaluate(model, params, _batches(folder), return_logits=True)
+    params = random_params(model, 16, seed=3)
+    result = evaluate(model, params, _batches(folder), return_logits=True)
     everything = next(iter(_batches(folder, batch_size=64)))
     m = everything["mask"]
     logits, _ = jax.jit(model.apply)({"params": params}, everything["image"][m])
@@ -54,11 +57,11 @@ def test_matches_unsharded_reference(folder):
 
 def test_plain_batches_without_mask_or_index():
     model = ViT(**MODEL)
-    params = ev.random_params(model, 16)
+    params = random_params(model, 16)
     rng = np.random.default_rng(0)
     batches = [{"image": rng.normal(size=(5, 16, 16, 3)).astype(np.float32),
                 "label": rng.integers(0, 3, 5).astype(np.int32)} for _ in range(2)]
-    result = ev.evaluate(model, params, batches, return_logits=True)
+    result = evaluate(model, params, batches, return_logits=True)
     assert result["count"] == 10 and result["logits"].shape == (10, 3)
 
 
@@ -74,29 +77,38 @@ def test_class_count_mismatch(folder, tmp_path):
     model = ViT(**MODEL)
     with pytest.raises(ValueError, match="model has 5 classes but the data has 3"):
         five = ViT(**{**MODEL, "num_classes": 5})
-        ev.evaluate(five, ev.random_params(five, 16), _batches(folder))
-    params4 = ev.random_params(ViT(**{**MODEL, "num_classes": 4}), 16)
+        evaluate(five, random_params(five, 16), _batches(folder))
+    params4 = random_params(ViT(**{**MODEL, "num_classes": 4}), 16)
     with pytest.raises(ValueError, match="checkpoint's head has 4 classes"):
-        ev.evaluate(model, params4, _batches(folder))
+        evaluate(model, params4, _batches(folder))
     bad = [{"image": np.zeros((2, 16, 16, 3), np.float32), "label": np.array([0, 7])}]
     with pytest.raises(ValueError, match="outside the model's 3 classes"):
-        ev.evaluate(model, ev.random_params(model, 16), bad)
+        evaluate(model, random_params(model, 16), bad)
     with pytest.raises(ValueError, match="no batches"):
-        ev.evaluate(model, ev.random_params(model, 16), [])
+        evaluate(model, random_params(model, 16), [])
 
 
-def test_cli_checkpoint(folder, tmp_path):
-    import orbax.checkpoint as ocp
+def _error(argv, capsys) -> str:
+    """The one-line error of a CLI run that must fail (exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
 
+
+def test_cli_checkpoint(folder, tmp_path, capsys):
     args = CLI + ["--data-dir", str(folder)]
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        ev.main(args + ["--checkpoint", str(tmp_path / "nope")])
-    ckpt = tmp_path / "ckpt"
-    ocp.PyTreeCheckpointer().save(ckpt, {"params": ev.random_params(ViT(**MODEL), 16, seed=3)})
-    from_ckpt = ev.main(args + ["--checkpoint", str(ckpt)])
-    assert from_ckpt["correct1"] == ev.main(args)["correct1"]
-    with pytest.raises(ValueError, match="head has 3 classes but the model"):
-        ev.main(args + ["--checkpoint", str(ckpt), "--num-classes", "10"])
+    assert "is not a converted checkpoint" in _error(
+        args + ["--checkpoint", str(tmp_path / "nope")], capsys)
+    config = {"variant": "mu/4", "num_classes": 3}
+    ckpt = save_model(tmp_path / "ckpt", random_params(ViT(**MODEL), 16, seed=3), config,
+                      image_size=16, normalization="augreg")
+    from_ckpt = main(args + ["--checkpoint", str(ckpt)])
+    assert from_ckpt["correct1"] == main(args)["correct1"]
+    five = save_model(tmp_path / "five", random_params(ViT(**{**MODEL, "num_classes": 5}), 16),
+                      {**config, "num_classes": 5}, image_size=16, normalization="augreg")
+    assert "model has 5 classes but the data has 3" in _error(
+        args + ["--checkpoint", str(five)], capsys)
 
 
 def _free_port() -> int:
@@ -131,7 +143,7 @@ def test_same_result_on_1_and_8_devices_and_2_processes(folder, tmp_path):
             "--dump-logits", str(tmp_path / "2proc.npz"), "--coordinator", f"localhost:{port}",
             "--num-processes", "2", "--process-id", str(i)], 2)
     assert jax.device_count() == 1
-    one = ev.main(args + ["--dump-logits", str(tmp_path / "1dev.npz")])
+    one = main(args + ["--dump-logits", str(tmp_path / "1dev.npz")])
     results = {k: _finish(p) for k, p in procs.items()}
     assert results["8dev"]["devices"] == 8 and results["2proc0"]["processes"] == 2
     assert results["2proc0"]["devices"] == 4
@@ -146,19 +158,36 @@ def test_same_result_on_1_and_8_devices_and_2_processes(folder, tmp_path):
     assert one["count"] == N
 
 
-def test_cli_reads_a_converted_model_directory(folder, tmp_path):
+def test_cli_reads_a_converted_model_directory(folder, tmp_path, capsys):
     """The directory's config fixes the model and image size; --r still applies."""
-    from tome_jax import convert
-
     model = ViT(variant="mu/4", num_classes=3)
-    params = ev.random_params(model, 16, seed=5)
-    ckpt = convert.save_converted(tmp_path / "m", convert.flatten(params),
-                                  {"variant": "mu/4", "num_classes": 3}, (16, 16))
+    params = random_params(model, 16, seed=5)
+    ckpt = save_model(tmp_path / "m", params, {"variant": "mu/4", "num_classes": 3},
+                      image_size=16, normalization="augreg")
     argv = ["--data", "image_folder", "--split", "test", "--data-dir", str(folder),
             "--batch-size", "12", "--checkpoint", str(ckpt), "--r", "[2]"]
-    result = ev.main(argv)
-    expected = ev.evaluate(model.clone(r=[2]), params, _batches(folder))
+    result = main(argv)
+    expected = evaluate(model.clone(r=[2]), params, _batches(folder))
     assert result["top1"] == expected["top1"] and result["count"] == N
     assert result["gflops_per_image"] == pytest.approx(model.clone(r=[2]).flops(16) / 1e9)
+    assert "converted for 16 px, not 32" in _error(argv + ["--image-size", "32"], capsys)
+
+
+def test_load_weights_takes_size_and_normalization_from_the_directory(tmp_path):
+    from tome_jax.cli.evaluate import load_weights
+
+    assert load_weights(None, image_size=None, normalization=None) == (None, None, 224,
+                                                                        "augreg")
+    assert load_weights(None, image_size=32, normalization="unit")[2:] == (32, "unit")
+    model = ViT(variant="mu/4", num_classes=3)
+    ckpt = save_model(tmp_path / "m", random_params(model, 16), {"variant": "mu/4",
+                                                                  "num_classes": 3},
+                      image_size=16, normalization="imagenet")
+    loaded, params, size, normalization = load_weights(str(ckpt), image_size=None,
+                                                       normalization=None, r=2)
+    assert (loaded.r, size, normalization) == (2, 16, "imagenet")
+    assert load_weights(str(ckpt), image_size=16, normalization="unit")[3] == "unit"
     with pytest.raises(ValueError, match="converted for 16 px, not 32"):
-        ev.main(argv + ["--image-size", "32"])
+        load_weights(str(ckpt), image_size=32, normalization=None)
+    with pytest.raises(ValueError, match="unknown normalization"):
+        load_weights(None, image_size=None, normalization="bogus")

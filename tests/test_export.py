@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from tome_jax import convert, export
+from tome_jax import export
+from tome_jax.checkpoint import save_model
+from tome_jax.cli import export as cli
 from tome_jax.vit import ViT
 
 TINY = dict(variant="S/8", depth=2, width=32, num_heads=2, mlp_dim=64, num_classes=10)
@@ -127,9 +129,10 @@ def test_cli(tiny, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     config = {k: TINY[k] for k in ("variant", "num_classes", "width", "depth", "mlp_dim",
                                    "num_heads")}
-    convert.save_converted(ckpt, convert.flatten(jax.device_get(params)), config, (32, 32))
+    save_model(ckpt, jax.device_get(params), config, image_size=(32, 32),
+               normalization="augreg")
     out = tmp_path / "m.jaxexport"
-    assert export.main(["--checkpoint", str(ckpt), "--r", "5", "--out", str(out),
+    assert cli.main(["--checkpoint", str(ckpt), "--r", "5", "--out", str(out),
                         "--batch", "3"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["input"]["shape"] == [3, 32, 32, 3] and printed["r_per_block"] == [5, 5]
@@ -137,11 +140,20 @@ def test_cli(tiny, tmp_path, capsys):
     reloaded = export.load_exported(out)
     assert reloaded.in_avals[0].shape == (3, 32, 32, 3)
     assert reloaded.out_avals[0].shape == (3, 10)
-    assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--batch", "0"]) == 1
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--batch", "0"]) == 1
     assert "--batch must be >= 1" in capsys.readouterr().err
-    assert export.main(["--checkpoint", str(ckpt), "--out", str(out),
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out),
                         "--image-size", "36"]) == 1
     assert "not divisible by the patch size" in capsys.readouterr().err
-    assert export.main(["--checkpoint", str(ckpt), "--out", str(out),
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out),
                         "--image-size", "48"]) == 1
     assert "position embeddings cover 16 patches" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    """`python -m tome_jax.export` runs the command line."""
+    proc = subprocess.run([sys.executable, "-m", "tome_jax.export", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m tome_jax.export") and "--checkpoint" in (
+        proc.stdout)

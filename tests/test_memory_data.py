@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -62,10 +63,12 @@ def test_pixels_and_labels_match_the_tfds_pipeline():
 
 
 def test_normalizations_match_the_host_pipeline():
-    assert memory_data.NORMALIZATIONS.keys() == data.NORMALIZATIONS.keys()
-    for key, (mean, std) in data.NORMALIZATIONS.items():
-        np.testing.assert_allclose(memory_data.NORMALIZATIONS[key][0], mean, rtol=1e-6)
-        np.testing.assert_allclose(memory_data.NORMALIZATIONS[key][1], std, rtol=1e-6)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3)).astype(np.uint8)
+    for key in data.NORMALIZATIONS:
+        host = data.normalize(pixels.astype(np.float32), key).numpy()
+        np.testing.assert_allclose(memory_data.normalize(pixels, key), host, rtol=1e-6)
+        np.testing.assert_allclose(memory_data.normalize(jnp.asarray(pixels), key), host,
+                                   rtol=1e-6)
 
 
 def _numpy_candidates(image: np.ndarray, pad: int) -> np.ndarray:

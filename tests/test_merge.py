@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import numpy_tome as ref
 from tome_jax import merge as tome
+from tome_jax import numpy_reference as ref
+from tome_jax import schedule
 
 
 def random_inputs(seed, batch=3, tokens=17, metric_dim=8, channels=5):
@@ -106,6 +107,35 @@ def test_r_is_clamped_and_zero_is_identity():
     merge0, unmerge0 = tome.bipartite_soft_matching(jnp.asarray(metric), 0)
     np.testing.assert_array_equal(np.asarray(merge0(jnp.asarray(x))), x)
     np.testing.assert_array_equal(np.asarray(unmerge0(jnp.asarray(x))), x)
+
+
+def test_random_match_is_match_on_random_scores():
+    key = jax.random.key(3)
+    got = tome.random_match(key, (3, 17, 8), 5)
+    noise = np.asarray(jax.random.normal(key, (3, 17, 8), jnp.float32))
+    for b in range(3):
+        kept, src, dst = ref.match(noise[b], 5)
+        np.testing.assert_array_equal(np.asarray(got.unm_idx[b]), kept)
+        np.testing.assert_array_equal(np.asarray(got.src_idx[b]), src)
+        np.testing.assert_array_equal(np.asarray(got.dst_idx[b]), dst)
+    again = tome.random_match(key, (3, 17, 8), 5)
+    other = tome.random_match(jax.random.key(4), (3, 17, 8), 5)
+    np.testing.assert_array_equal(np.asarray(again.src_idx), np.asarray(got.src_idx))
+    assert not np.array_equal(np.asarray(other.src_idx), np.asarray(got.src_idx))
+    # The class token stays first and is never merged away.
+    assert (np.asarray(got.unm_idx[:, 0]) == 0).all()
+
+
+def test_gather_and_clamp():
+    x = jnp.arange(2 * 5 * 3).reshape(2, 5, 3)
+    idx = jnp.asarray([[4, 0], [1, 1]])
+    np.testing.assert_array_equal(np.asarray(tome.gather(x, idx)),
+                                  np.asarray(x)[np.arange(2)[:, None], np.asarray(idx)])
+    for tokens in range(8):
+        for class_token, distill_token in [(True, False), (False, False), (True, True)]:
+            limit = schedule.max_r(tokens, int(class_token) + int(distill_token))
+            assert tome.clamp_r(100, tokens, class_token, distill_token) == limit
+            assert tome.clamp_r(1, tokens, class_token, distill_token) == min(1, limit)
 
 
 def test_merge_methods_agree_in_bfloat16():

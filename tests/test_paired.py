@@ -1,4 +1,4 @@
-"""eval.paired: McNemar's exact test against scipy, the paired difference, and the CLI."""
+"""tome_jax.paired and its CLI: McNemar's exact test against scipy, the paired difference."""
 
 from pathlib import Path
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from eval import paired
+from tome_jax import paired
+from tome_jax.cli.paired import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def test_cli_on_the_shipped_images(tmp_path):
     """A model against itself: no discordant image, difference 0, p = 1."""
     out = tmp_path / "paired.md"
     model, images = ROOT / "models" / "cifar10_vit", ROOT / "data" / "cifar10-test-1000"
-    table = paired.main([f"A={model}", f"B={model}", "--r", "4", "--data", "image_folder",
+    table = main([f"A={model}", f"B={model}", "--r", "4", "--data", "image_folder",
                          "--data-dir", str(images), "--batch-size", "250", "--out", str(out)])
     assert "| B | " in table and "+0.00 (+0.00 to +0.00) | 0 / 0 | 1 |" in table
     assert "1000 images, r = 4" in out.read_text()

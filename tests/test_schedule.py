@@ -6,12 +6,18 @@ from tome_jax import schedule
 
 
 def test_parse_r_forms():
-    assert schedule.parse_r(16, 12) == [16] * 12
-    assert schedule.parse_r([4, 3], 4) == [4, 3, 0, 0]
-    assert schedule.parse_r((16, -1), 12) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
-    assert schedule.parse_r((16, 1), 12) == [0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32]
-    assert schedule.parse_r((16, 0), 12) == [16] * 12
-    assert sum(schedule.parse_r((8, -1), 12)) in range(8 * 12 - 12, 8 * 12 + 1)
+    assert schedule.parse_r(16, depth=12) == [16] * 12
+    assert schedule.parse_r([4, 3], depth=4) == [4, 3, 0, 0]
+    assert schedule.parse_r((16, -1), depth=12) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
+    assert schedule.parse_r((16, 1), depth=12) == [0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32]
+    assert schedule.parse_r((16, 0), depth=12) == [16] * 12
+    assert sum(schedule.parse_r((8, -1), depth=12)) in range(8 * 12 - 12, 8 * 12 + 1)
+
+
+def test_parse_r_depth_is_keyword_only():
+    # The reference ToMe's parse_r(num_layers, r) order must fail, not mean r=12 over 16 blocks.
+    with pytest.raises(TypeError):
+        schedule.parse_r(12, 16)
 
 
 def test_vit_b16_r16_leaves_11_tokens():
@@ -56,7 +62,7 @@ def test_flops_by_hand_tiny():
 ])
 def test_bad_schedules(bad, match):
     with pytest.raises(ValueError, match=match):
-        schedule.parse_r(bad, 12)
+        schedule.parse_r(bad, depth=12)
 
 
 def test_explicit_list_that_cannot_be_met():

@@ -16,8 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tome_jax import sources
-from train import train as T
+from tome_jax import sharding, sources
+from tome_jax.checkpoint import load_model
+from tome_jax.params import flatten
+from tome_jax.training.config import load_config
+from tome_jax.training.loop import train
+from tome_jax.training.optim import lr_schedule, make_optimizer
+from tome_jax.training.ship import ship
+from tome_jax.training.state import abstract_train_state, init_state, make_model
+from tome_jax.training.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset=image_folder", "variant=mu/8", "num_classes=3", "image_size=16",
@@ -31,7 +38,7 @@ import os, sys, numpy as np, jax
 if os.environ.get("COORDINATOR"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(os.environ["COORDINATOR"], 2, int(os.environ["PROCESS_ID"]))
-from train.train import load_config, train
+from tome_jax.training import load_config, train
 from tome_jax.sharding import to_host
 cfg = load_config(None, sys.argv[2:])
 state = train(cfg, sys.argv[1])
@@ -79,13 +86,13 @@ def assert_same(a, b, atol=0.0):
 
 
 def test_loss_decreases_on_a_fixed_batch():
-    cfg = T.load_config(None, ["variant=mu/8", "num_classes=3", "image_size=16", "lr=3e-3",
-                               "warmup_steps=1", "steps=40", "drop_path=0", "label_smoothing=0"])
-    model = T.make_model(cfg)
+    cfg = load_config(None, ["variant=mu/8", "num_classes=3", "image_size=16", "lr=3e-3",
+                             "warmup_steps=1", "steps=40", "drop_path=0", "label_smoothing=0"])
+    model = make_model(cfg)
     images = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
-    tx = T.make_optimizer(cfg, jax.eval_shape(model.init, jax.random.key(0), images)["params"])
-    state = T.init_state(cfg, model, tx)
-    step = jax.jit(T.make_train_step(model, tx, cfg))
+    tx = make_optimizer(cfg, jax.eval_shape(model.init, jax.random.key(0), images)["params"])
+    state = init_state(cfg, model, tx)
+    step = jax.jit(make_train_step(model, tx, cfg))
     batch = {"image": images, "label": jnp.arange(8) % 3}
     losses = []
     for _ in range(40):
@@ -208,8 +215,6 @@ def test_corrupt_latest_checkpoint_falls_back(folder, tmp_path):
     for f in latest.rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    from train.ship import ship
-
     with pytest.warns(UserWarning, match="step 4 could not be restored"):
         _, shipped = ship(tmp_path, tmp_path / "shipped")
     assert shipped == 2
@@ -223,7 +228,7 @@ def test_corrupt_latest_checkpoint_falls_back(folder, tmp_path):
 # write past the limit fails with EFBIG, as a full disk fails with ENOSPC) and trains on.
 FULL_DISK_DRIVER = """
 import resource, signal, sys
-from train.train import CheckpointError, load_config, train
+from tome_jax.training import SaveError, load_config, train
 cfg = load_config(None, sys.argv[3:])
 train(cfg, sys.argv[1], stop_after=2)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -231,8 +236,8 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFIN
 try:
     state = train(cfg, sys.argv[1])
     print("RESULT finished at step", int(state["step"]))
-except CheckpointError as err:
-    print("RESULT CheckpointError:", err)
+except SaveError as err:
+    print("RESULT SaveError:", err)
 """
 
 
@@ -250,7 +255,7 @@ def test_failed_writes_during_save_keep_the_previous_checkpoint(folder, tmp_path
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "saving a checkpoint failed" in out and "step 2, is kept" in out, out
-    assert "RESULT CheckpointError: the checkpoint of step 6 could not be written" in out, out
+    assert "RESULT SaveError: the checkpoint of step 6 could not be written" in out, out
     assert checkpoint_steps(workdir) == [2]
     assert not list((workdir / "checkpoints").glob("*tmp*")), "half-written folders left"
     resumed, _ = run(workdir, folder, *steps)  # room again: resumes from step 2
@@ -259,15 +264,15 @@ def test_failed_writes_during_save_keep_the_previous_checkpoint(folder, tmp_path
 
 
 def test_wsd_schedule_is_warmup_constant_then_one_minus_sqrt_decay():
-    cfg = T.load_config(None, ["schedule=wsd", "lr=1e-3", "min_lr=1e-5", "warmup_steps=10",
-                               "steps=100", "decay_steps=40"])
-    lr = T.lr_schedule(cfg)
+    cfg = load_config(None, ["schedule=wsd", "lr=1e-3", "min_lr=1e-5", "warmup_steps=10",
+                             "steps=100", "decay_steps=40"])
+    lr = lr_schedule(cfg)
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(59), lr(60)],
                                [0.0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
     np.testing.assert_allclose(lr(70), 1e-3 - (1e-3 - 1e-5) * np.sqrt(0.25), rtol=1e-6)
     np.testing.assert_allclose(lr(100), 1e-5, rtol=1e-4)
     # A cooldown branch taken later (larger steps) follows the same lr until its own decay.
-    branch = T.lr_schedule(dataclasses.replace(cfg, steps=500, decay_steps=100))
+    branch = lr_schedule(dataclasses.replace(cfg, steps=500, decay_steps=100))
     np.testing.assert_allclose([branch(c) for c in range(0, 400, 7)],
                                [1e-3 * min(c / 10, 1.0) for c in range(0, 400, 7)], rtol=1e-6)
     assert branch(450) < 1e-3 and abs(branch(500) - 1e-5) < 1e-8
@@ -275,15 +280,15 @@ def test_wsd_schedule_is_warmup_constant_then_one_minus_sqrt_decay():
 
 def test_bad_schedule_settings_are_refused():
     with pytest.raises(ValueError, match="'linear' is not 'cosine' or 'wsd'"):
-        T.lr_schedule(T.load_config(None, ["schedule=linear"]))
+        lr_schedule(load_config(None, ["schedule=linear"]))
     with pytest.raises(ValueError, match="0 < decay_steps <= steps - warmup_steps"):
-        T.lr_schedule(T.load_config(None, ["schedule=wsd", "steps=100", "warmup_steps=10"]))
+        lr_schedule(load_config(None, ["schedule=wsd", "steps=100", "warmup_steps=10"]))
 
 
 def test_device_input_pipeline_trains_and_evaluates(folder, tmp_path):
-    cfg = T.load_config(None, TINY + [f"data_dir={folder}", "input_pipeline=device",
-                                      "steps=2", "save_every=2", "eval_every=2"])
-    T.train(cfg, tmp_path)
+    cfg = load_config(None, TINY + [f"data_dir={folder}", "input_pipeline=device",
+                                    "steps=2", "save_every=2", "eval_every=2"])
+    train(cfg, tmp_path)
     assert checkpoint_steps(tmp_path) == [2]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["eval_count"] for r in rows if "eval_top1" in r] == [12]  # the test split, once
@@ -295,11 +300,11 @@ def test_device_input_pipeline_resumes_exactly(folder, tmp_path):
     # Its batch is a function of the step, so a run stopped and resumed ends with the
     # parameters of one that was not (in-process: SIGKILL is tested on the host pipeline,
     # whose stream has real state to restore).
-    cfg = T.load_config(None, TINY + [f"data_dir={folder}", "input_pipeline=device",
-                                      "steps=6", "save_every=2"])
-    whole = T.train(cfg, tmp_path / "whole")
-    T.train(cfg, tmp_path / "split", stop_after=3)  # saves step 3 as it stops
-    resumed = T.train(cfg, tmp_path / "split")
+    cfg = load_config(None, TINY + [f"data_dir={folder}", "input_pipeline=device",
+                                    "steps=6", "save_every=2"])
+    whole = train(cfg, tmp_path / "whole")
+    train(cfg, tmp_path / "split", stop_after=3)  # saves step 3 as it stops
+    resumed = train(cfg, tmp_path / "split")
     for a, b in zip(jax.tree.leaves(whole["params"]), jax.tree.leaves(resumed["params"]),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -313,13 +318,13 @@ def test_bad_input_pipeline_settings_are_refused(folder, tmp_path):
             (["input_pipeline=device", "dataset=cifar10"], "reads image folders"),
             (["input_pipeline=device", "num_classes=4"], "has 3 classes, the config num_cl")]:
         with pytest.raises(ValueError, match=message):
-            T.train(T.load_config(None, base + extra), tmp_path / "w")
+            train(load_config(None, base + extra), tmp_path / "w")
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 def test_unknown_config_key_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\].*'lr'"):
-        T.load_config(None, ["learning_rate=0.1"])
+        load_config(None, ["learning_rate=0.1"])
 
 
 def test_batch_not_divisible_by_devices(folder, tmp_path):
@@ -332,23 +337,21 @@ def test_workdir_of_another_model_is_refused(folder, tmp_path):
     run(tmp_path, folder, "steps=2", "save_every=2")
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     with pytest.raises(ValueError, match="another model"):
-        T.train(T.load_config(None, TINY + [f"data_dir={folder}", "width=64"]), tmp_path)
+        train(load_config(None, TINY + [f"data_dir={folder}", "width=64"]), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     assert json.loads((tmp_path / "config.json").read_text())["width"] == 0
 
 
 def test_ship_writes_a_loadable_model(folder, tmp_path):
-    from tome_jax.convert import load_pretrained
-    from train.ship import ship
-
-    cfg = T.load_config(None, TINY + [f"data_dir={folder}", "steps=2", "save_every=2"])
-    state = T.train(cfg, tmp_path / "run")
+    cfg = load_config(None, TINY + [f"data_dir={folder}", "steps=2", "save_every=2"])
+    state = train(cfg, tmp_path / "run")
     out, step = ship(tmp_path / "run", tmp_path / "model")
     assert step == 2
-    model, params = load_pretrained(out)
+    model, params, info = load_model(out)
     assert model.num_classes == 3 and model.variant == "mu/8"
+    assert info.image_size == (16, 16) and info.normalization == cfg.normalization
     images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    want, _ = T.make_model(cfg, r=0, dropout=0.0, drop_path=0.0).apply(
+    want, _ = make_model(cfg, r=0, dropout=0.0, drop_path=0.0).apply(
         {"params": state["params"]}, images)
     got, _ = model.apply({"params": params}, images)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
@@ -359,16 +362,13 @@ def test_ship_writes_a_loadable_model(folder, tmp_path):
 def test_ship_a_run_trained_on_another_device_count(folder, tmp_path):
     # A pod's checkpoint is shipped on one host: restoring "as saved" refused the 2-device
     # topology in a 1-device process and every checkpoint was reported unreadable.
-    from tome_jax.convert import flatten, load_pretrained
-    from train.ship import ship
-
     other = 2 if jax.device_count() != 2 else 1  # any count but this process's
     trained, _ = run(tmp_path / "run", folder, "steps=2", "save_every=2", devices=other)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no checkpoint may be skipped as unreadable
         out, step = ship(tmp_path / "run", tmp_path / "model")
     assert step == 2
-    shipped = flatten(load_pretrained(out)[1])
+    shipped = flatten(load_model(out)[1])
     assert len(shipped) == len(trained)
     for name, value in shipped.items():
         key = "".join(f"['{part}']" for part in name.split("/"))
@@ -377,35 +377,33 @@ def test_ship_a_run_trained_on_another_device_count(folder, tmp_path):
 
 @pytest.mark.slow  # a DTEM training run in a subprocess: 1-1.5 min
 def test_modular_dtem_training_leaves_the_backbone_bit_identical(folder, tmp_path):
-    from tome_jax.convert import flatten, load_pretrained
-    from train.ship import ship
-
     backbone = TINY + [f"data_dir={folder}", "steps=2", "save_every=2", "depth=2"]
-    T.train(T.load_config(None, backbone), tmp_path / "backbone")
+    train(load_config(None, backbone), tmp_path / "backbone")
     ship(tmp_path / "backbone", tmp_path / "model")
-    _, before = load_pretrained(tmp_path / "model")
-    cfg = T.load_config(None, backbone + [
+    _, before, _ = load_model(tmp_path / "model")
+    cfg = load_config(None, backbone + [
         f"init_from={tmp_path / 'model'}", "dtem_dim=8", "soft_merge=true", "steps=3",
         "freeze=^(?!.*dtem_embed)", "lr=1e-2", "warmup_steps=1"])
-    state = T.train(cfg, tmp_path / "dtem")
+    state = train(cfg, tmp_path / "dtem")
     after = flatten(jax.device_get(state["params"]))
     before = flatten(before)
     embeds = [k for k in after if "dtem_embed" in k]
     assert embeds and set(after) - set(embeds) == set(before)
     for k, v in before.items():
         np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(v), err_msg=k)
-    init = flatten(T.init_state(cfg, T.make_model(cfg), T.make_optimizer(
+    init = flatten(init_state(cfg, make_model(cfg), make_optimizer(
         cfg, state["params"]))["params"])
     assert any(not np.array_equal(np.asarray(after[k]), np.asarray(init[k])) for k in embeds)
     # Shipped, the DTEM run is a model whose config knows its embeddings.
-    model, params = load_pretrained(ship(tmp_path / "dtem", tmp_path / "dtem_model")[0])
+    model, params, _ = load_model(ship(tmp_path / "dtem", tmp_path / "dtem_model")[0])
     assert model.dtem_dim == 8
     np.testing.assert_array_equal(np.asarray(flatten(params)[embeds[0]]),
                                   np.asarray(after[embeds[0]]))
 
 
-def test_summary_of_runs(tmp_path):
-    from train import summary
+def test_summary_of_runs(tmp_path, capsys):
+    from tome_jax.cli import summary
+    from tome_jax.training.summary import read_metrics
 
     for name, step_time in (("a", 1.0), ("b", 0.5)):
         d = tmp_path / name
@@ -419,4 +417,50 @@ def test_summary_of_runs(tmp_path):
     assert "| a | 4 | 1.000 | 8.0 | 1.00x | 1.500 | 0.5000 |" in text
     assert "| b | 4 | 0.500 | 16.0 | 2.00x |" in text
     with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
+        read_metrics(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:  # the command reports it in one line
         summary.main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_abstract_state_has_the_init_shapes_without_reading_init_from(tmp_path):
+    # Resume and ship restore into this target: a moved or deleted init_from directory must
+    # not stop them, and the target must be what the real init builds.
+    mesh = sharding.batch_mesh()
+    cfg = load_config(None, TINY + ["dtem_dim=4", "freeze=^(?!.*dtem_embed)"])
+    model, tx, want, _ = abstract_train_state(cfg, mesh)
+    gone = dataclasses.replace(cfg, init_from=str(tmp_path / "moved_away"))
+    _, _, got, shardings = abstract_train_state(gone, mesh)
+    real = jax.eval_shape(lambda: init_state(cfg, model, tx))
+    for other in (want, real):
+        assert jax.tree.structure(got) == jax.tree.structure(other)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(other), strict=True):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    assert jax.tree.structure(shardings) == jax.tree.structure(got)
+
+
+def test_train_command_defaults_and_one_line_errors(tmp_path, capsys):
+    from tome_jax.cli import ship as ship_cli
+    from tome_jax.cli import train as train_cli
+
+    args = train_cli.build_parser().parse_args(["--workdir", "w"])
+    assert (args.coordinator, args.num_processes, args.process_id, args.set) == (None, 1, 0, [])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--workdir", str(tmp_path / "w"), "--set", "learning_rate=0.1"])
+    assert exit_info.value.code == 2
+    assert "unknown config key(s) ['learning_rate']" in capsys.readouterr().err
+    (tmp_path / "w").mkdir(exist_ok=True)
+    (tmp_path / "w" / "config.json").write_text(json.dumps(dataclasses.asdict(
+        load_config(None, TINY))))
+    with pytest.raises(SystemExit) as exit_info:
+        ship_cli.main(["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "m")])
+    assert exit_info.value.code == 2 and "no checkpoint in" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_shims_answer_help():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    for module in ("train.train", "train.ship", "train.summary"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and f"usage: python -m {module}" in proc.stdout, proc

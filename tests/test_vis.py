@@ -1,5 +1,7 @@
 """Merge visualisation: groups from sources, mean-colour painting, the figure, bad input."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -8,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tome_jax import convert, vis
+from tome_jax import vis
+from tome_jax.checkpoint import load_model, save_model
+from tome_jax.cli import vis as cli
 from tome_jax.vit import ViT
 
 TINY = dict(variant="S/8", depth=2, width=32, num_heads=2, mlp_dim=64, num_classes=10)
@@ -181,7 +185,8 @@ def checkpoint(tiny, tmp_path_factory):
     dst = tmp_path_factory.mktemp("ckpt") / "tiny"
     config = {k: TINY[k] for k in ("variant", "num_classes", "width", "depth", "mlp_dim",
                                    "num_heads")}
-    convert.save_converted(dst, convert.flatten(jax.device_get(params)), config, (64, 64))
+    save_model(dst, jax.device_get(params), config, image_size=(64, 64),
+               normalization="imagenet")
     return dst
 
 
@@ -189,28 +194,46 @@ def test_cli_end_to_end_and_bad_input(checkpoint, tiny, tmp_path, capsys):
     src = tmp_path / "photo.png"
     Image.fromarray(tiny[2]).convert("L").save(src)
     out = tmp_path / "merges.png"
-    assert vis.main([str(src), "--checkpoint", str(checkpoint), "--r", "4", "--r", "8,-1",
+    assert cli.main([str(src), "--checkpoint", str(checkpoint), "--r", "4", "--r", "8,-1",
                      "--out", str(out)]) == 0
     assert "converted to RGB" in capsys.readouterr().err
     with Image.open(out) as img:
         assert img.size[0] == 3 * 240
     # Several images: one row each; painted enlarged 4x (the model still sees 64 px).
-    assert vis.main([str(src), str(src), "--checkpoint", str(checkpoint), "--r", "4",
+    assert cli.main([str(src), str(src), "--checkpoint", str(checkpoint), "--r", "4",
                      "--display-scale", "4", "--out", str(out)]) == 0
     with Image.open(out) as img:
         assert img.size == (2 * 240, 2 * 270)
-    rows = vis.visualise(*vis._load_checkpoint(str(checkpoint))[:2], tiny[2], [4],
+    rows = vis.visualise(*load_model(checkpoint)[:2], tiny[2], [4],
                          display_scale=4)
     assert rows[0][0][1].shape == (4 * 64, 4 * 64, 3) and rows[0][1][1].shape[:2] == (256, 256)
     (tmp_path / "bad.jpg").write_text("nope")
-    assert vis.main([str(tmp_path / "bad.jpg"), "--checkpoint", str(checkpoint),
+    assert cli.main([str(tmp_path / "bad.jpg"), "--checkpoint", str(checkpoint),
                      "--r", "4"]) == 1
     assert "cannot decode image" in capsys.readouterr().err
-    assert vis.main([str(src), "--checkpoint", str(tmp_path), "--r", "4"]) == 1
+    assert cli.main([str(src), "--checkpoint", str(tmp_path), "--r", "4"]) == 1
     assert "not a converted checkpoint" in capsys.readouterr().err
-    assert vis.main([str(src), "--checkpoint", str(checkpoint), "--r", "4",
+    assert cli.main([str(src), "--checkpoint", str(checkpoint), "--r", "4",
                      "--image-size", "32"]) == 1
     assert "position embeddings cover 64 patches" in capsys.readouterr().err
+
+
+def test_cli_takes_size_and_normalization_from_the_model_directory(checkpoint, tiny, tmp_path,
+                                                                   monkeypatch):
+    src = tmp_path / "photo.png"
+    Image.fromarray(tiny[2]).save(src)
+    seen = []
+
+    def fake_visualise(model, params, image, rs, normalization, *args):
+        seen.append((image.shape, rs, normalization))
+        return [[("original", image)]]
+
+    monkeypatch.setattr(vis, "visualise", fake_visualise)
+    argv = [str(src), "--checkpoint", str(checkpoint), "--r", "4", "--r", "[2,2]",
+            "--out", str(tmp_path / "m.png")]
+    assert cli.main(argv) == 0
+    assert cli.main(argv + ["--normalization", "augreg", "--image-size", "32"]) == 0
+    assert seen == [((64, 64, 3), [4, [2, 2]], "imagenet"), ((32, 32, 3), [4, [2, 2]], "augreg")]
 
 
 def test_real_photo_loads():
@@ -219,3 +242,12 @@ def test_real_photo_loads():
         pytest.skip(f"no photos under {PHOTOS} (the shared ImageNet sample)")
     image, note = vis.load_image(files[0], 224)
     assert image.shape == (224, 224, 3) and note is None and image.std() > 10
+
+
+def test_module_entry_point():
+    """`python -m tome_jax.vis` runs the command line."""
+    proc = subprocess.run([sys.executable, "-m", "tome_jax.vis", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m tome_jax.vis") and "--normalization" in (
+        proc.stdout)

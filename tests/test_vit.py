@@ -66,8 +66,8 @@ def test_token_counts_sizes_and_sources(r):
                    capture_intermediates=lambda m, _: isinstance(m, Encoder1DBlock))
     blocks = state["intermediates"]["Transformer"]
     for i in range(4):
-        x, size, source = blocks[f"encoderblock_{i}"]["__call__"][0]
-        assert x.shape[1] == tokens[i + 1] == tokens[i] - rs[i]
+        block_out = blocks[f"encoderblock_{i}"]["__call__"][0]
+        assert block_out.x.shape[1] == tokens[i + 1] == tokens[i] - rs[i]
     logits, out = run(model, params, images)
     assert out["encoded"].shape == (2, tokens[-1], 64)
     np.testing.assert_array_equal(np.asarray(out["size"].sum(axis=(1, 2))), 17.0)
@@ -80,7 +80,7 @@ def test_token_counts_sizes_and_sources(r):
 def test_merged_forward_matches_timm_blocks_with_numpy_merge():
     timm = pytest.importorskip("timm")
     torch = pytest.importorskip("torch")
-    from tests.timm_reference import timm_forward_with_tome, timm_to_params
+    from tome_jax.torch_reference import timm_forward_with_tome, timm_to_params
 
     torch.manual_seed(0)
     ref_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
@@ -99,7 +99,7 @@ def test_merged_forward_matches_timm_blocks_with_numpy_merge():
 def test_r0_matches_timm_vit_base_patch16_224():
     pytest.importorskip("timm")
     pytest.importorskip("torch")
-    from tests.timm_reference import vit_b16_r0_logits
+    from tome_jax.torch_reference import vit_b16_r0_logits
 
     ours, want = vit_b16_r0_logits()
     assert np.abs(want).std() > 1e-2
@@ -221,3 +221,55 @@ def test_baseline_strategies_match_tome_token_counts(strategy):
         np.testing.assert_array_equal(source.sum(axis=1), 1.0)
         again, _ = run(model, params, images)
         np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
+
+
+def test_reducer_for_picks_one_function_per_model():
+    from tome_jax import reduce
+
+    assert reduce.reducer_for("tome") is reduce.merge_by_keys
+    assert reduce.reducer_for("random") is reduce.merge_random
+    assert reduce.reducer_for("prune") is reduce.prune_least_attended
+    assert reduce.reducer_for("tome", embedding=True) is reduce.merge_by_embedding
+    assert reduce.reducer_for("tome", embedding=True, soft=True) is \
+        reduce.soft_merge_by_embedding
+    assert ViT(**SMALL, strategy="prune").reducer() is reduce.prune_least_attended
+    with pytest.raises(ValueError, match="unknown strategy 'drop'"):
+        reduce.reducer_for("drop")
+
+
+@pytest.mark.parametrize("strategy", ["tome", "random", "prune", "dtem"])
+def test_hard_reducers_keep_extra_tokens_in_place(strategy):
+    from tome_jax import reduce
+
+    # cls, two extra tokens, 10 patches: 11 tokens take part in matching, r=3 of them leave.
+    cfg = reduce.MergeConfig(class_token=True, num_extra=2, prop_attn=True, trace_source=True,
+                             method="segment", strategy="tome" if strategy == "dtem" else strategy)
+    keys = jax.random.normal(jax.random.key(0), (2, 13, 4))
+    x = jax.random.normal(jax.random.key(1), (2, 13, 6))
+    start = reduce.initial_tokens(x, cfg)
+    metrics = reduce.Metrics(keys, jax.nn.softmax(keys[..., 0]), keys[..., :3])
+    fn = reduce.reducer_for(cfg.strategy, embedding=strategy == "dtem")
+    assert fn(start, metrics, 0, cfg, 0) is start
+    out = fn(start, metrics, 3, cfg, 1)
+    assert out.x.shape == (2, 10, 6) and out.active is None
+    np.testing.assert_array_equal(np.asarray(out.x[:, :3]), np.asarray(x[:, :3]))
+    np.testing.assert_array_equal(np.asarray(out.source[:, :3]),
+                                  np.broadcast_to(np.eye(13)[:3], (2, 3, 13)))
+    np.testing.assert_array_equal(np.asarray(out.size.sum(axis=(1, 2))),
+                                  10.0 if strategy == "prune" else 13.0)
+    np.testing.assert_array_equal(np.asarray(out.source.sum(axis=2)),
+                                  np.asarray(out.size[..., 0]))
+
+
+def test_soft_reducer_narrows_active_and_keeps_tokens():
+    from tome_jax import reduce
+
+    cfg = reduce.MergeConfig(class_token=True, num_extra=0, prop_attn=True, trace_source=False,
+                             method="segment", dtem_soft=True)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 6))
+    start = reduce.initial_tokens(x, cfg)
+    assert start.active.shape == (2, 8) and start.size.shape == (2, 9, 1)
+    metrics = reduce.Metrics(x, None, jax.random.normal(jax.random.key(2), (2, 9, 4)))
+    out = reduce.soft_merge_by_embedding(start, metrics, 3, cfg, 0)
+    assert out.x.shape == x.shape and out.active.shape == (2, 5)
+    np.testing.assert_allclose(np.asarray(out.size.sum(axis=(1, 2))), 9.0, rtol=1e-6)

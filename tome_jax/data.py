@@ -36,22 +36,18 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tome_jax import normalization as normalization_lib
 from tome_jax import randaugment as randaugment_lib
 from tome_jax import sources
+from tome_jax.normalization import (  # noqa: F401 - re-exported: data.NORMALIZATIONS
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALIZATIONS,
+)
 from tome_jax.sharding import host_slice
 
 # The pipeline only runs on the host; keep TF from reserving accelerator memory that JAX needs.
 tf.config.set_visible_devices([], "GPU")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# (mean, std) in 0..255 pixel units: x -> (x - mean) / std.
-NORMALIZATIONS = {
-    "augreg": ((127.5,) * 3, (127.5,) * 3),  # [-1, 1]: AugReg / big_vision
-    "imagenet": (tuple(255 * m for m in IMAGENET_MEAN),  # mean/std: MAE, DeiT, timm
-                 tuple(255 * s for s in IMAGENET_STD)),
-    "unit": ((0.0,) * 3, (255.0,) * 3),  # [0, 1]
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +77,7 @@ EVAL_SPLITS = {"imagenet2012": "validation", "imagenet_sample": "validation"}
 
 def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
     """[..., 3] float pixels in 0..255 -> normalised float32."""
-    mean, std = NORMALIZATIONS[normalization]
+    mean, std = normalization_lib.mean_std(normalization)
     return (tf.cast(image, tf.float32) - mean) / std
 
 
@@ -224,9 +220,7 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
     """
     if name not in sources.NAMES:
         raise ValueError(f"unknown dataset {name!r}; known: {sources.NAMES}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; known: "
-                         f"{tuple(NORMALIZATIONS)}")
+    normalization_lib.check(normalization)
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, "
                          f"{image_size}")

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tome_jax.merge import gather
+
 # Parameter name of the per-block embedding inside `Encoder1DBlock`.
 EMBED_NAME = "dtem_embed"
 # log(0) would turn a vanished token's attention bias into -inf with a NaN gradient.
@@ -95,11 +97,6 @@ def soft_top_r(scores: jax.Array, r: int, k: int = 3, tau1: float = 0.1, tau2: f
     return jnp.einsum("bik,bikj->bij", p, onehot, precision=jax.lax.Precision.HIGHEST)
 
 
-def _gather(t: jax.Array, idx: jax.Array) -> jax.Array:
-    """t [B, T, C], idx [B, K] -> [B, K, C]."""
-    return jnp.take_along_axis(t, idx[..., None], axis=1)
-
-
 def _scatter(t: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
     """t [B, T, C] with rows idx [B, K] (distinct) replaced by values [B, K, C]."""
     rows = jnp.arange(t.shape[0])[:, None]
@@ -117,8 +114,8 @@ def soft_merge(x: jax.Array, size: jax.Array, m: jax.Array, a_idx: jax.Array,
     """
     size = size.astype(jnp.float32)
     m = m.astype(jnp.float32)
-    x_a, s_a = _gather(x, a_idx).astype(jnp.float32), _gather(size, a_idx)
-    x_b, s_b = _gather(x, b_idx).astype(jnp.float32), _gather(size, b_idx)
+    x_a, s_a = gather(x, a_idx).astype(jnp.float32), gather(size, a_idx)
+    x_b, s_b = gather(x, b_idx).astype(jnp.float32), gather(size, b_idx)
     hi = jax.lax.Precision.HIGHEST
     s_b_new = s_b + jnp.einsum("bij,bic->bjc", m, s_a, precision=hi)
     x_b_new = (s_b * x_b + jnp.einsum("bij,bic->bjc", m, s_a * x_a, precision=hi)) / (
@@ -137,12 +134,6 @@ def init_active(batch: int, tokens: int, num_prefix: int) -> jax.Array:
     return jnp.broadcast_to(idx, (batch, tokens - num_prefix))
 
 
-def active_mask(active: jax.Array, tokens: int) -> jax.Array:
-    """active [B, n] positions -> [B, tokens] bool."""
-    rows = jnp.arange(active.shape[0])[:, None]
-    return jnp.zeros((active.shape[0], tokens), bool).at[rows, active].set(True)
-
-
 def split_active(active: jax.Array) -> tuple[jax.Array, jax.Array]:
     """active [B, n] -> (a_idx [B, n // 2], b_idx [B, ceil(n / 2)]): A odd, B even entries."""
     return active[:, 1::2], active[:, 0::2]
@@ -153,7 +144,7 @@ def cosine_scores(embedding: jax.Array, a_idx: jax.Array, b_idx: jax.Array) -> j
     def unit(idx):
         # Not jnp.linalg.norm: its gradient at a zero vector is NaN (a zero-initialised class
         # token has a zero embedding), and 0 * NaN would still poison the embedding's gradient.
-        e = _gather(embedding, idx).astype(jnp.float32)
+        e = gather(embedding, idx).astype(jnp.float32)
         return e * jax.lax.rsqrt(jnp.maximum((e * e).sum(axis=-1, keepdims=True), 1e-24))
 
     return jnp.einsum("bic,bjc->bij", unit(a_idx), unit(b_idx),
@@ -166,7 +157,7 @@ def drop_smallest(size: jax.Array, active: jax.Array, r: int) -> jax.Array:
     The survivors keep their relative order in `active`; ties drop the earlier entries.
     """
     num = active.shape[1]
-    s = jax.lax.stop_gradient(_gather(size, active)[..., 0])
+    s = jax.lax.stop_gradient(gather(size, active)[..., 0])
     dropped = jnp.argsort(s, axis=-1, stable=True)[:, :r]
     rows = jnp.arange(active.shape[0])[:, None]
     gone = jnp.zeros(active.shape, bool).at[rows, dropped].set(True)

@@ -15,11 +15,9 @@ artefact and the JAX version that wrote it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ def export_model(model: Any, params: Any, image_shape: tuple[int | None, int, in
     """
     batch, h, w, c = image_shape
     model.check((1, h, w, c))  # clear errors for bad sizes before tracing
-    patch = model.size.patch_size
+    patch = model.dims.patch_size
     pos = params.get("pos_embedding") if hasattr(params, "get") else None
     if pos is not None and pos.shape[1] != (h // patch) * (w // patch):
         raise ExportError(f"the parameters' position embeddings cover {pos.shape[1]} patches, "
@@ -147,41 +145,7 @@ def load_exported(path: str | os.PathLike) -> jax.export.Exported:
                           ) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tome_jax.export",
-                                description="Export a merged ViT to a jax.export artefact.")
-    p.add_argument("--checkpoint", required=True, help="directory from tome_jax.convert")
-    p.add_argument("--r", default="0", help="schedule: 16, or 16,-1 (ramp), or [..] per block")
-    p.add_argument("--out", required=True, help="artefact path (sidecar: OUT.json)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--batch", type=int, help="fixed batch size")
-    g.add_argument("--symbolic-batch", action="store_true",
-                   help="symbolic batch dimension 'b' (the default)")
-    p.add_argument("--image-size", type=int, help="default: the checkpoint's, else 224")
-    p.add_argument("--platforms", help="comma-separated lowering targets, e.g. cpu,cuda "
-                                       "(default: this machine's)")
-    a = p.parse_args(argv)
-
-    from tome_jax.vis import VisError, _load_checkpoint, _parse_r
-
-    try:
-        r = _parse_r(a.r)
-        model, params, ckpt_size = _load_checkpoint(a.checkpoint)
-        size = a.image_size or ckpt_size or 224
-        if a.batch is not None and a.batch < 1:
-            raise ExportError(f"--batch must be >= 1, got {a.batch}")
-        model = model.clone(r=r)
-        exported = export_model(model, params, (a.batch, size, size, model.channels),
-                                a.platforms.split(",") if a.platforms else None)
-        meta = save_exported(a.out, exported,
-                             lambda data: describe(exported, model, (size, size), data))
-    except (ExportError, VisError, ValueError, argparse.ArgumentTypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"out": str(a.out), "input": meta["input"], "r_per_block":
-                      meta["r_per_block"], "bytes": meta["bytes"]}))
-    return 0
-
-
 if __name__ == "__main__":
+    from tome_jax.cli.export import main
+
     raise SystemExit(main())

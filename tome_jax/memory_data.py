@@ -35,13 +35,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tome_jax import sharding
+from tome_jax.normalization import normalize
 
-# Same as tome_jax.data.NORMALIZATIONS (that module needs TensorFlow; this one must not).
-NORMALIZATIONS = {
-    "augreg": ((127.5,) * 3, (127.5,) * 3),
-    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    "unit": ((0.0,) * 3, (255.0,) * 3),
-}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -139,16 +134,6 @@ def augment_batch(images: jax.Array, keys: jax.Array, pad: int) -> jax.Array:
         return jnp.where(jax.random.bernoulli(k_flip), crop[:, ::-1], crop)
 
     return jax.vmap(one)(padded, keys)
-
-
-def normalize(images: jax.Array | np.ndarray, normalization: str):
-    """[..., 3] pixels 0..255 -> float32 (x - mean) / std (jnp in, jnp out; numpy likewise)."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; known: "
-                         f"{tuple(NORMALIZATIONS)}")
-    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[normalization])
-    xp = jnp if isinstance(images, jax.Array) else np
-    return (xp.asarray(images, xp.float32) - mean) / std
 
 
 def draw_batch(images: jax.Array, labels: jax.Array, step: jax.Array, *, batch_size: int,

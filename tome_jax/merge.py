@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tome_jax.schedule import max_r
+
 MERGE_MODES = ("sum", "mean", "max")
 MERGE_METHODS = ("segment", "onehot")
 
@@ -44,8 +46,7 @@ def clamp_r(r: int, num_tokens: int, class_token: bool = True,
     """Clamps r to the number of tokens one bipartite step can merge."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"r must be a non-negative Python int (static), got {r!r}")
-    protected = int(class_token) + int(distill_token)
-    return max(0, min(r, (num_tokens - protected) // 2))
+    return min(r, max_r(num_tokens, int(class_token) + int(distill_token)))
 
 
 def match(metric: jax.Array, r: int, class_token: bool = True,
@@ -75,7 +76,17 @@ def match(metric: jax.Array, r: int, class_token: bool = True,
                     dst_idx.astype(jnp.int32))
 
 
-def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+def random_match(key: jax.Array, shape: tuple[int, int, int], r: int, class_token: bool = True,
+                 distill_token: bool = False) -> Matching:
+    """`match` on random Gaussian metric vectors of shape [B, T, C]: random pairs.
+
+    The baseline ToMe is compared against: the same split, protected tokens and token counts,
+    but partners that ignore the content. A fixed key gives the same pairs on every call.
+    """
+    return match(jax.random.normal(key, shape, jnp.float32), r, class_token, distill_token)
+
+
+def gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x [B, T, C], idx [B, K] -> [B, K, C]."""
     return jnp.take_along_axis(x, idx[..., None], axis=1)
 
@@ -115,8 +126,8 @@ def merge_tokens(x: jax.Array, matching: Matching, mode: str = "mean",
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; expected one of {MERGE_METHODS}")
     a, b = x[:, ::2], x[:, 1::2]
-    unm = _gather(a, matching.unm_idx)
-    src = _gather(a, matching.src_idx)
+    unm = gather(a, matching.unm_idx)
+    src = gather(a, matching.src_idx)
     dst = _reduce_into(b, matching.dst_idx, src, mode, method)
     return jnp.concatenate([unm, dst], axis=1)
 
@@ -130,7 +141,7 @@ def unmerge_tokens(x: jax.Array, matching: Matching) -> jax.Array:
     batch, _, channels = x.shape
     num_unm = matching.unm_idx.shape[1]
     unm, dst = x[:, :num_unm], x[:, num_unm:]
-    src = _gather(dst, matching.dst_idx)
+    src = gather(dst, matching.dst_idx)
     num_a = num_unm + matching.src_idx.shape[1]
     out = jnp.zeros((batch, num_a + dst.shape[1], channels), x.dtype)
     rows = jnp.arange(batch)[:, None]

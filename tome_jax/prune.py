@@ -19,8 +19,3 @@ def keep_indices(cls_attention: jax.Array, r: int) -> jax.Array:
     scores = scores.at[:, 0].set(jnp.inf)
     order = jnp.argsort(-scores, axis=-1, stable=True)
     return jnp.sort(order[:, :scores.shape[1] - r], axis=-1)
-
-
-def gather_tokens(t: jax.Array, idx: jax.Array) -> jax.Array:
-    """t [B, T, C], idx [B, K] -> [B, K, C]."""
-    return jnp.take_along_axis(t, idx[..., None], axis=1)

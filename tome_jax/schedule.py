@@ -61,10 +61,11 @@ def _check_int(value, what: str) -> int:
     return value
 
 
-def parse_r(r: Schedule, depth: int) -> list[int]:
+def parse_r(r: Schedule, *, depth: int) -> list[int]:
     """Expands a schedule into one requested r per block (before clamping to what is possible).
 
-    parse_r((16, -1), 12) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0].
+    parse_r((16, -1), depth=12) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]. depth is
+    keyword-only: the reference ToMe's `parse_r(num_layers, r)` puts the arguments the other way.
     """
     depth = _check_int(depth, "depth")
     r = canonical(r)
@@ -127,7 +128,7 @@ def token_schedule(r: Schedule, depth: int, num_tokens: int, protected: int = 1,
       (rs, tokens): rs[i] tokens are merged in block i, which is entered by tokens[i] tokens;
       tokens has depth + 1 entries, the last being the count leaving the final block.
     """
-    requested = parse_r(r, depth)
+    requested = parse_r(r, depth=depth)
     if strict is None:
         strict = isinstance(canonical(r), PerLayer)
     rs, tokens = [], [num_tokens]
@@ -161,14 +162,14 @@ def flops(variant: str | ViTSize, image_size: int, r: Schedule = 0, *, num_class
       protected: tokens excluded from merging; defaults to num_prefix_tokens.
       dtem_dim: width of DTEM's merge embedding (0: none), a Dense on every block's tokens.
     """
-    size = decode_variant(variant) if isinstance(variant, str) else variant
-    if image_size % size.patch_size:
-        raise ValueError(f"image size {image_size} is not divisible by patch {size.patch_size}")
-    num_patches = (image_size // size.patch_size) ** 2
+    dims = decode_variant(variant) if isinstance(variant, str) else variant
+    if image_size % dims.patch_size:
+        raise ValueError(f"image size {image_size} is not divisible by patch {dims.patch_size}")
+    num_patches = (image_size // dims.patch_size) ** 2
     protected = num_prefix_tokens if protected is None else protected
-    rs, tokens = token_schedule(r, size.depth, num_patches + num_prefix_tokens, protected)
-    d, m = size.width, size.mlp_dim
-    macs = num_patches * size.patch_size ** 2 * channels * d
+    rs, tokens = token_schedule(r, dims.depth, num_patches + num_prefix_tokens, protected)
+    d, m = dims.width, dims.mlp_dim
+    macs = num_patches * dims.patch_size ** 2 * channels * d
     for t, r_i in zip(tokens, rs, strict=False):
         macs += 3 * t * d * d      # q, k, v
         macs += t * d * dtem_dim   # DTEM's merge embedding

@@ -15,22 +15,15 @@ left after merging.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tome_jax.schedule import parse_schedule
+from tome_jax import normalization as norm
 
-NORMALIZATIONS = {
-    # (mean, std) on [0, 1] pixels.
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm / torchvision / DINOv2
-    "augreg": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # big_vision / AugReg: [-1, 1]
-}
 BORDER = (255, 255, 255)
 DROPPED = (0, 0, 0)  # patches no token holds (the "prune" baseline drops tokens)
 
@@ -81,11 +74,11 @@ def load_image(path: str | os.PathLike, image_size: int) -> tuple[np.ndarray, st
 
 
 def normalize(image: np.ndarray, normalization: str = "imagenet") -> np.ndarray:
-    """uint8 [..., H, W, 3] -> float32 model input with the named mean/std."""
-    if normalization not in NORMALIZATIONS:
-        raise VisError(f"unknown normalization {normalization!r}; "
-                       f"expected one of {tuple(NORMALIZATIONS)}")
-    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[normalization])
+    """uint8 [..., H, W, 3] -> float32 model input with the named `tome_jax.normalization`."""
+    try:
+        mean, std = (np.asarray(v, np.float32) for v in norm.mean_std(normalization, scale=1.0))
+    except ValueError as e:
+        raise VisError(str(e)) from None
     return (image.astype(np.float32) / 255 - mean) / std
 
 
@@ -177,9 +170,9 @@ def check_traceable(model: Any) -> None:
     """Raises VisError unless `model` is a ViT-like module that can track sources."""
     fields = getattr(type(model), "__dataclass_fields__", {})
     missing = [f for f in ("trace_source", "r") if f not in fields]
-    if missing or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "size"):
+    if missing or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "dims"):
         raise VisError(f"{type(model).__name__} does not support source tracking (no "
-                       f"{', '.join(missing) or 'num_prefix_tokens/size'}); the visualisation "
+                       f"{', '.join(missing) or 'num_prefix_tokens/dims'}); the visualisation "
                        "needs a tome_jax.vit.ViT (trace_source=True)")
 
 
@@ -196,7 +189,7 @@ def merge_sources(model: Any, params: Any, images: np.ndarray, r: Any,
 
     check_traceable(model)
     model = model.clone(r=r, trace_source=True)
-    gh, gw = (n // model.size.patch_size for n in images.shape[1:3])
+    gh, gw = (n // model.dims.patch_size for n in images.shape[1:3])
     pos = params.get("pos_embedding") if hasattr(params, "get") else None
     if pos is not None and pos.shape[1] != gh * gw:
         raise VisError(f"the checkpoint's position embeddings cover {pos.shape[1]} patches, "
@@ -212,8 +205,8 @@ def merge_sources(model: Any, params: Any, images: np.ndarray, r: Any,
     if per_layer:
         (_, out), state = result
         blocks = state["intermediates"]["Transformer"]
-        sources = [blocks[f"encoderblock_{i}"]["__call__"][0][2]
-                   for i in range(model.size.depth)]
+        sources = [blocks[f"encoderblock_{i}"]["__call__"][0].source
+                   for i in range(model.dims.depth)]
     else:
         _, out = result
         sources = [out.get("source")]
@@ -268,7 +261,7 @@ def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
     if display_scale < 1:
         raise VisError(f"display_scale must be >= 1, got {display_scale}")
     x = normalize(image, normalization)[None]
-    patch = model.size.patch_size
+    patch = model.dims.patch_size
     grid = (image.shape[0] // patch, image.shape[1] // patch)
     prefix = model.num_prefix_tokens
     image = np.repeat(np.repeat(image, display_scale, axis=0), display_scale, axis=1)
@@ -281,7 +274,7 @@ def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
             row.append((_title(f"r = {r}", source.shape[1], labels),
                         paint_groups(image, labels)))
         return [row]
-    depth = model.size.depth
+    depth = model.dims.depth
     bad = [i for i in layers if not 1 <= i <= depth]
     if bad:
         raise VisError(f"layers {bad} outside 1..{depth}")
@@ -297,61 +290,7 @@ def visualise(model: Any, params: Any, image: np.ndarray, rs: Sequence[Any],
     return rows
 
 
-def _load_checkpoint(path: str) -> tuple[Any, Any, int | None]:
-    """DIR written by `tome_jax.convert` -> (model, params, its image size or None)."""
-    from tome_jax.convert import CheckpointError, load_converted
-
-    try:
-        model, params, image_hw = load_converted(path)
-    except CheckpointError as e:
-        raise VisError(str(e)) from None
-    return model, params, (image_hw[0] if image_hw else None)
-
-
-def _parse_r(text: str) -> Any:
-    """'16' -> 16; '16,-1' -> (16, -1.0) (a ramp); '[8,8,4]' per block (`parse_schedule`)."""
-    try:
-        return parse_schedule(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad r {text!r}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tome_jax.vis",
-                                description="Paint ToMe's merged patch groups over an image.")
-    p.add_argument("image", nargs="+", help="one or more images: one row (per r) each")
-    p.add_argument("--checkpoint", required=True, help="directory from tome_jax.convert")
-    p.add_argument("--r", type=_parse_r, action="append", required=True,
-                   help="schedule: 16, or 16,-1 (ramp), or [..] per block; repeat for panels")
-    p.add_argument("--out", default="merges.png")
-    p.add_argument("--image-size", type=int, help="default: the checkpoint's, else 224")
-    p.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet")
-    p.add_argument("--strategy", help="override the model's token reduction: tome, or the "
-                                      "baselines random / prune (dropped patches in black)")
-    p.add_argument("--layers", type=int, nargs="+",
-                   help="also show the groups after these blocks (1-based), one row per r")
-    p.add_argument("--display-scale", type=int, default=1,
-                   help="paint on the image enlarged this many times (thin borders on small "
-                        "images, e.g. 8 for CIFAR's 32 px)")
-    a = p.parse_args(argv)
-    try:
-        model, params, ckpt_size = _load_checkpoint(a.checkpoint)
-        check_traceable(model)
-        if a.strategy:
-            model = model.clone(strategy=a.strategy)
-        rows = []
-        for path in a.image:
-            image, note = load_image(path, a.image_size or ckpt_size or 224)
-            if note:
-                print(note, file=sys.stderr)
-            rows += visualise(model, params, image, a.r, a.normalization, a.layers,
-                              a.display_scale)
-    except ValueError as e:  # VisError, and the model's own shape / config checks
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(render_grid(rows, a.out))
-    return 0
-
-
 if __name__ == "__main__":
+    from tome_jax.cli.vis import main
+
     raise SystemExit(main())

@@ -13,46 +13,29 @@ MultiHeadDotProductAttention_0/{query,key,value,out}, LayerNorm_1, MlpBlock_0/De
 Token layout: [cls?, dist?, registers..., patches]. Only the class token and the patches take
 part in matching (the class token is never merged away); distill and register tokens are set
 aside during each merge and put back in place, so they are never merged and keep their index.
+
+Blocks pass a `reduce.Tokens` state along; between attention and MLP each calls the model's
+reducer (`ViT.reducer`, one of `tome_jax.reduce`) on it with the block's static r, ranking
+tokens by what attention returns (`reduce.Metrics`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tome_jax import dtem, prune
-from tome_jax import merge as tome
+from tome_jax import dtem, merge, reduce
 from tome_jax import schedule as sched
+from tome_jax.reduce import STRATEGIES, MergeConfig, Tokens
 from tome_jax.variants import ViTSize, decode_variant
 
 POOLS = ("tok", "gap", "mae")
-# tome: ToMe. random: the same bipartite merge with random scores (random pairs). prune: drop the
-# r tokens with the least class-token attention (EViT-style). Same r gives the same token counts.
-STRATEGIES = ("tome", "random", "prune")
 Dtype = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeConfig:
-    """Static per-model merge settings a block needs."""
-
-    class_token: bool
-    num_extra: int  # distill + register tokens, set aside from matching
-    prop_attn: bool
-    trace_source: bool
-    method: str
-    strategy: str = "tome"
-    # DTEM training path (`dtem.dtem_soft_step`): soft merges, no token removed.
-    dtem_soft: bool = False
-    dtem_tau1: float = 0.1
-    dtem_tau2: float = 0.1
-    dtem_k: int = 3
-    dtem_fused: bool = False  # inference: the embedding rides in the q/k/v matmul
 
 
 class MlpBlock(nn.Module):
@@ -74,22 +57,47 @@ class MlpBlock(nn.Module):
         return nn.Dense(width, **dense)(x)
 
 
+class Attended(NamedTuple):
+    """What attention returns: out [B, T, D] and what the reducer ranks tokens by."""
+
+    out: jax.Array
+    metrics: reduce.Metrics
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          bias: jax.Array | None) -> jax.Array:
+    """q, k, v [B, T, H, D/H], bias [B, 1, 1, T] or None -> [B, T, H, D/H]."""
+    return jax.nn.dot_product_attention(q, k, v, bias=bias)
+
+
+def class_token_attention(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """The class token's attention row averaged over heads, [B, T] float32 (q, k, bias as in
+    `dot_product_attention`); computed apart because the fused kernel returns no probabilities."""
+    logits = jnp.einsum("bhd,bthd->bht", q[:, 0], k).astype(jnp.float32) / np.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias[:, :, 0].astype(jnp.float32)
+    return jax.nn.softmax(logits, axis=-1).mean(axis=1)
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Self-attention with an optional `+ log size` bias on the keys (proportional attention).
 
-    x [B, T, D], size [B, T, 1] or None -> (out [B, T, D], keys averaged over heads [B, T, D/H]).
-    Parameter shapes match `flax.linen.MultiHeadDotProductAttention`.
+    x [B, T, D], size [B, T, 1] or None -> `Attended`: out [B, T, D] and `reduce.Metrics` (keys
+    averaged over heads [B, T, D/H]; the class token's attention when cls_attention; DTEM's
+    embedding when an embed layer is given). Parameter shapes match
+    `flax.linen.MultiHeadDotProductAttention`. fuse_embedding: compute the embedding in the one
+    matmul of q, k and v.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
-    return_cls_attention: bool = False
+    cls_attention: bool = False
+    fuse_embedding: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, size: jax.Array | None = None,
-                 extra: nn.Dense | None = None):
-        """extra: a Dense on the same input (DTEM's embedding) to compute in the one matmul
-        of q, k and v; its output [B, T, F] is then returned third."""
+                 embed: nn.Dense | None = None) -> Attended:
+        """embed: DTEM's Dense [D -> F], owned by the caller, applied to x."""
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
@@ -97,25 +105,32 @@ class MultiHeadDotProductAttention(nn.Module):
         proj = dict(features=(self.num_heads, head_dim), dtype=self.dtype,
                     kernel_init=nn.initializers.xavier_uniform())
         layers = [nn.DenseGeneral(**proj, name=name) for name in ("query", "key", "value")]
-        if extra is None or self.is_initializing():
-            q, k, v = (layer(x) for layer in layers)
-            extra_out = None if extra is None else extra(x)
-        else:
-            q, k, v, extra_out = _fused_projection(x, layers, extra, self.num_heads, self.dtype)
+        fuse = self.fuse_embedding and not self.is_initializing()
+        q, k, v, embedding = _project(x, layers, embed, fuse, self.num_heads, self.dtype)
         bias = None if size is None else jnp.log(size)[:, None, None, :, 0].astype(q.dtype)
-        y = jax.nn.dot_product_attention(q, k, v, bias=bias)
+        y = dot_product_attention(q, k, v, bias)
         out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
-        if extra is not None:
-            return out, k.mean(axis=-2), extra_out
-        if not self.return_cls_attention:
-            return out, k.mean(axis=-2)
-        # The class token's attention row, head-averaged [B, T]: only the pruning baseline needs
-        # it, and the fused attention kernel does not return probabilities.
-        logits = jnp.einsum("bhd,bthd->bht", q[:, 0], k).astype(jnp.float32) / np.sqrt(head_dim)
-        if bias is not None:
-            logits = logits + bias[:, :, 0].astype(jnp.float32)
-        return out, jax.nn.softmax(logits, axis=-1).mean(axis=1)
+        cls_attention = class_token_attention(q, k, bias) if self.cls_attention else None
+        return Attended(out, reduce.Metrics(k.mean(axis=-2), cls_attention, embedding))
+
+
+def _project(x: jax.Array, layers: list, embed: nn.Dense | None, fuse: bool, num_heads: int,
+             dtype: Dtype) -> tuple[jax.Array, ...]:
+    """q, k, v [B, T, H, D/H] and embed(x) [B, T, F] (None without embed) from x [B, T, D].
+
+    The embedding sits behind a stop-gradient: DTEM's decoupled embedding reads the block's
+    features and never changes them, so training it leaves the backbone as it was.
+    """
+    if embed is None:
+        q, k, v = (layer(x) for layer in layers)
+        return q, k, v, None
+    if fuse:
+        q, k, v, embedding = _fused_projection(x, layers, embed, num_heads, dtype)
+        return q, k, v, jax.lax.stop_gradient(embedding)
+    embedding = embed(jax.lax.stop_gradient(x))
+    q, k, v = (layer(x) for layer in layers)
+    return q, k, v, embedding
 
 
 def _fused_projection(x: jax.Array, layers: list, extra: nn.Dense, num_heads: int,
@@ -145,167 +160,86 @@ class LayerScale(nn.Module):
         return x * scale.astype(x.dtype)
 
 
-def _set_aside(t: jax.Array | None, start: int, count: int):
-    """Removes tokens [start, start + count) of t [B, T, ...]: returns (rest, removed)."""
-    if t is None or count == 0:
-        return t, None
-    return jnp.concatenate([t[:, :start], t[:, start + count:]], axis=1), t[:, start:start + count]
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Static settings every transformer block of a model shares."""
 
-
-def _put_back(t: jax.Array | None, removed: jax.Array | None, start: int):
-    """Inverse of `_set_aside`."""
-    if t is None or removed is None:
-        return t
-    return jnp.concatenate([t[:, :start], removed, t[:, start:]], axis=1)
-
-
-def merge_step(x: jax.Array, size: jax.Array | None, source: jax.Array | None,
-               metric: jax.Array, r: int, cfg: MergeConfig, layer: int = 0):
-    """One token-reduction step on x [B, T, D], size [B, T, 1] | None, source [B, T, N] | None.
-
-    metric: [B, T, C] keys for "tome"/"random", [B, T] class-token attention for "prune".
-    Returns (x, size, source) with T - r tokens. r is static and already clamped.
-    """
-    if r == 0:
-        return x, size, source
-    if size is None:
-        size = jnp.ones(x.shape[:2] + (1,), jnp.float32)
-    start = int(cfg.class_token)
-    x, x_extra = _set_aside(x, start, cfg.num_extra)
-    size, size_extra = _set_aside(size, start, cfg.num_extra)
-    source, source_extra = _set_aside(source, start, cfg.num_extra)
-    metric, _ = _set_aside(metric, start, cfg.num_extra)
-    x, size, source = _reduce_tokens(x, size, source, metric, r, cfg, layer)
-    return (_put_back(x, x_extra, start), _put_back(size, size_extra, start),
-            _put_back(source, source_extra, start))
-
-
-def _reduce_tokens(x: jax.Array, size: jax.Array, source: jax.Array | None, metric: jax.Array,
-                   r: int, cfg: MergeConfig, layer: int):
-    """Removes r tokens by cfg.strategy from tokens that all take part in matching."""
-    if cfg.strategy == "prune":
-        keep = prune.keep_indices(metric, r)
-        source = None if source is None else prune.gather_tokens(source, keep)
-        return prune.gather_tokens(x, keep), prune.gather_tokens(size, keep), source
-    if cfg.strategy == "random":
-        # A fixed key per block: the same random pairs on every call, so evaluation is
-        # deterministic, and different pairs for each image of a batch.
-        metric = jax.random.normal(jax.random.key(layer), metric.shape, jnp.float32)
-    merge, _ = tome.bipartite_soft_matching(metric, r, class_token=cfg.class_token,
-                                            method=cfg.method)
-    if source is not None:
-        source = tome.merge_source(merge, x, source)
-    x, size = tome.merge_wavg(merge, x, size)
-    return x, size, source
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    layerscale_init: float | None = None
+    approximate_gelu: bool = False
+    dtype: Dtype = jnp.float32
+    dtem_dim: int | None = None
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-norm transformer block with a ToMe merge between attention and MLP."""
+    """Pre-norm transformer block that reduces its tokens between attention and MLP.
 
-    mlp_dim: int
-    num_heads: int
-    r: int
+    reducer: the model's `reduce.Reducer`, called with this block's static r.
+    """
+
+    cfg: BlockConfig
     merge_cfg: MergeConfig
+    reducer: reduce.Reducer
+    r: int
     layer: int = 0
-    dropout: float = 0.0
     drop_path: float = 0.0
-    layerscale_init: float | None = None
-    approximate_gelu: bool = False
-    dtype: Dtype = jnp.float32
-    dtem_dim: int | None = None
 
     @nn.compact
-    def __call__(self, x, size, source, deterministic: bool = True, active=None):
-        """(x, size, source) -> the same, or with the DTEM soft path (active [B, n] given)
-        (x, size, source, active [B, n - r]); see `tome_jax.dtem`."""
+    def __call__(self, tokens: Tokens, deterministic: bool = True) -> Tokens:
+        """T tokens -> T - r tokens (T on DTEM's soft path, which narrows `active` instead)."""
+        cfg, merge_cfg = self.cfg, self.merge_cfg
         # Drop path: the whole residual branch of a sample, rescaled (stochastic depth).
         drop = nn.Dropout(rate=self.drop_path, broadcast_dims=(1, 2))
-        y = nn.LayerNorm(dtype=self.dtype)(x)
-        embed, embed_layer = None, None
-        fused = self.merge_cfg.dtem_fused and self.dtem_dim is not None and active is None
-        if self.dtem_dim is not None:
-            embed_layer = nn.Dense(self.dtem_dim, dtype=self.dtype, name=dtem.EMBED_NAME)
-            if not fused:
-                # Stop-gradient: the decoupled embedding reads the block's features and never
-                # changes them, so training it leaves the backbone as it was.
-                embed = embed_layer(jax.lax.stop_gradient(y))
-        prune_here = self.merge_cfg.strategy == "prune" and self.r > 0
-        if active is not None:
-            # Soft sizes reach 0: floor them so log(size) stays finite (and its gradient too).
-            attn_size = jnp.maximum(size, dtem.MIN_SIZE)
-        else:
-            attn_size = size if self.merge_cfg.prop_attn else None
+
+        def residual(x: jax.Array, y: jax.Array) -> jax.Array:
+            y = nn.Dropout(rate=cfg.dropout)(y, deterministic)
+            if cfg.layerscale_init is not None:
+                y = LayerScale(cfg.layerscale_init)(y)
+            return x + drop(y, deterministic)
+
+        y = nn.LayerNorm(dtype=cfg.dtype)(tokens.x)
+        embed = None
+        if cfg.dtem_dim is not None:
+            embed = nn.Dense(cfg.dtem_dim, dtype=cfg.dtype, name=dtem.EMBED_NAME)
         attention = MultiHeadDotProductAttention(
-            self.num_heads, dtype=self.dtype, return_cls_attention=prune_here)
-        if fused:
-            y, metric, embed = attention(y, attn_size, extra=embed_layer)
-            embed = jax.lax.stop_gradient(embed)
-        else:
-            y, metric = attention(y, attn_size)
-        y = nn.Dropout(rate=self.dropout)(y, deterministic)
-        if self.layerscale_init is not None:
-            y = LayerScale(self.layerscale_init)(y)
-        x = x + drop(y, deterministic)
-        cfg = self.merge_cfg
-        if active is not None:
-            x, size, active = dtem.dtem_soft_step(x, size, active, embed, self.r,
-                                                  cfg.dtem_tau1, cfg.dtem_tau2, cfg.dtem_k)
-        else:
-            metric = metric if embed is None else embed
-            x, size, source = merge_step(x, size, source, metric, self.r, cfg, self.layer)
-        y = nn.LayerNorm(dtype=self.dtype)(x)
-        y = MlpBlock(self.mlp_dim, self.dropout, self.approximate_gelu, dtype=self.dtype)(
+            cfg.num_heads, dtype=cfg.dtype, cls_attention=merge_cfg.cls_attention and self.r > 0,
+            fuse_embedding=merge_cfg.dtem_fused)
+        attended = attention(y, reduce.attention_size(tokens, merge_cfg), embed)
+        tokens = tokens._replace(x=residual(tokens.x, attended.out))
+        tokens = self.reducer(tokens, attended.metrics, self.r, merge_cfg, self.layer)
+        y = nn.LayerNorm(dtype=cfg.dtype)(tokens.x)
+        y = MlpBlock(cfg.mlp_dim, cfg.dropout, cfg.approximate_gelu, dtype=cfg.dtype)(
             y, deterministic)
-        y = nn.Dropout(rate=self.dropout)(y, deterministic)
-        if self.layerscale_init is not None:
-            y = LayerScale(self.layerscale_init)(y)
-        x = x + drop(y, deterministic)
-        if active is not None:
-            return x, size, source, active
-        return x, size, source
+        return tokens._replace(x=residual(tokens.x, y))
 
 
 class Encoder(nn.Module):
-    """The stack of blocks and the final norm. rs: static per-block r (already clamped)."""
+    """The stack of blocks and the final norm. rs: static per-block r (already clamped);
+    drop_path: the last block's rate, rising linearly from 0 in the first."""
 
-    depth: int
-    mlp_dim: int
-    num_heads: int
-    rs: tuple[int, ...]
+    cfg: BlockConfig
     merge_cfg: MergeConfig
+    reducer: reduce.Reducer
+    rs: tuple[int, ...]
     final_norm: bool = True
-    dropout: float = 0.0
     drop_path: float = 0.0
-    layerscale_init: float | None = None
-    approximate_gelu: bool = False
-    dtype: Dtype = jnp.float32
-    dtem_dim: int | None = None
 
     @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        size, source, active = None, None, None
-        batch, tokens = x.shape[:2]
-        if self.merge_cfg.trace_source:
-            source = jnp.broadcast_to(jnp.eye(tokens, dtype=jnp.float32),
-                                      (batch, tokens, tokens))
-        if self.merge_cfg.dtem_soft:
-            size = jnp.ones((batch, tokens, 1), jnp.float32)
-            active = dtem.init_active(batch, tokens, int(self.merge_cfg.class_token)
-                                      + self.merge_cfg.num_extra)
-        for i in range(self.depth):
-            block = Encoder1DBlock(
-                mlp_dim=self.mlp_dim, num_heads=self.num_heads, r=self.rs[i],
-                merge_cfg=self.merge_cfg, layer=i, dropout=self.dropout,
-                drop_path=self.drop_path * i / max(self.depth - 1, 1),
-                layerscale_init=self.layerscale_init, approximate_gelu=self.approximate_gelu,
-                dtype=self.dtype, dtem_dim=self.dtem_dim, name=f"encoderblock_{i}")
-            if active is None:
-                x, size, source = block(x, size, source, deterministic)
-            else:
-                x, size, source, active = block(x, size, source, deterministic, active=active)
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> Tokens:
+        """x [B, T, D] -> the final `Tokens`."""
+        depth = len(self.rs)
+        tokens = reduce.initial_tokens(x, self.merge_cfg)
+        for i, r in enumerate(self.rs):
+            tokens = Encoder1DBlock(
+                self.cfg, self.merge_cfg, self.reducer, r, layer=i,
+                drop_path=self.drop_path * i / max(depth - 1, 1), name=f"encoderblock_{i}")(
+                    tokens, deterministic)
         if self.final_norm:
-            x = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
-        return x, size, source
+            tokens = tokens._replace(
+                x=nn.LayerNorm(dtype=self.cfg.dtype, name="encoder_norm")(tokens.x))
+        return tokens
 
 
 def _weighted_mean(x: jax.Array, size: jax.Array | None) -> jax.Array:
@@ -370,8 +304,8 @@ class ViT(nn.Module):
         super().__post_init__()
 
     @property
-    def size(self) -> ViTSize:
-        """The variant's sizes with this model's overrides applied."""
+    def dims(self) -> ViTSize:
+        """The variant's architecture sizes with this model's overrides applied."""
         base = decode_variant(self.variant)
         return ViTSize(self.width or base.width, self.depth or base.depth,
                        self.mlp_dim or base.mlp_dim, self.num_heads or base.num_heads,
@@ -389,6 +323,9 @@ class ViT(nn.Module):
             raise ValueError("pool='tok' needs class_token=True")
         if self.distill_token and not self.class_token:
             raise ValueError("a distill token needs a class token")
+        if self.distill_token and self.pool != "tok":
+            raise ValueError(f"a distill token has its own head on its token and needs "
+                             f"pool='tok', not {self.pool!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
         if self.strategy == "prune" and not self.class_token:
@@ -411,16 +348,16 @@ class ViT(nn.Module):
                     raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
             if self.dtem_k < 1:
                 raise ValueError(f"dtem_k must be >= 1, got {self.dtem_k!r}")
-        if self.merge_method not in tome.MERGE_METHODS:
+        if self.merge_method not in merge.MERGE_METHODS:
             raise ValueError(f"unknown merge_method {self.merge_method!r}; "
-                             f"expected one of {tome.MERGE_METHODS}")
+                             f"expected one of {merge.MERGE_METHODS}")
         if len(image_shape) != 4:
             raise ValueError("images must be [batch, height, width, channels], got shape "
                              f"{tuple(image_shape)}")
         if image_shape[-1] != self.channels:
             raise ValueError(f"images have {image_shape[-1]} channels but the model expects "
                              f"{self.channels} (shape {tuple(image_shape)}, NHWC)")
-        patch = self.size.patch_size
+        patch = self.dims.patch_size
         for name, n in zip(("height", "width"), image_shape[1:3], strict=True):
             if n % patch:
                 raise ValueError(f"image {name} {n} is not divisible by the patch size {patch}")
@@ -428,42 +365,63 @@ class ViT(nn.Module):
     def token_schedule(self, image_size: int | tuple[int, int]) -> tuple[list[int], list[int]]:
         """(clamped r per block, token count entering each block + final) at a resolution."""
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        patch = self.size.patch_size
+        patch = self.dims.patch_size
         num_match = (h // patch) * (w // patch) + int(self.class_token)
-        rs, tokens = sched.token_schedule(self.r, self.size.depth, num_match,
+        rs, tokens = sched.token_schedule(self.r, self.dims.depth, num_match,
                                           protected=int(self.class_token))
         extra = self.num_prefix_tokens - int(self.class_token)
         return rs, [t + extra for t in tokens]
 
     def flops(self, image_size: int) -> float:
         """Analytic forward FLOPs (2 x MACs) per image; see `schedule.flops`."""
-        return sched.flops(self.size, image_size, self.r,
+        return sched.flops(self.dims, image_size, self.r,
                            num_classes=self.num_classes * (1 + int(self.distill_token)),
                            num_prefix_tokens=self.num_prefix_tokens,
                            protected=int(self.class_token), channels=self.channels,
                            dtem_dim=self.dtem_dim or 0)
+
+    def merge_config(self) -> MergeConfig:
+        """The static reduction settings every block shares."""
+        return MergeConfig(class_token=self.class_token,
+                           num_extra=self.num_prefix_tokens - int(self.class_token),
+                           prop_attn=self.prop_attn, trace_source=self.trace_source,
+                           method=self.merge_method, strategy=self.strategy,
+                           dtem_soft=self.soft_merge, dtem_tau1=self.dtem_tau1,
+                           dtem_tau2=self.dtem_tau2, dtem_k=self.dtem_k,
+                           # The soft path trains the embedding: never fused.
+                           dtem_fused=self.dtem_fused and not self.soft_merge)
+
+    def reducer(self) -> reduce.Reducer:
+        """The token-reduction function every block calls (see `tome_jax.reduce`)."""
+        return reduce.reducer_for(self.strategy, embedding=self.dtem_dim is not None,
+                                  soft=self.soft_merge)
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False):
         """images [B, H, W, C] -> (logits [B, num_classes] float32, out dict).
 
         out: "encoded" [B, T', D] final tokens, "size" [B, T', 1] tokens merged into each (None
-        when nothing merged), "source" [B, T', T] 0/1 (with trace_source), "pre_logits" [B, D].
+        when nothing merged), "source" [B, T', T] 0/1 (with trace_source), "pre_logits" [B, D];
+        with a distill token also "logits_cls" and "logits_dist".
         """
         self.check(images.shape)
-        size = self.size
-        rs, _ = self.token_schedule(tuple(images.shape[1:3]))
-        out = {}
+        x = self._embed(images, train)
+        tokens = self._encoder(tuple(images.shape[1:3]))(x, deterministic=not train)
+        out = {"encoded": tokens.x, "size": tokens.size, "source": tokens.source}
+        logits, head_out = self._head(self._pool(tokens))
+        return logits, {**out, **head_out}
 
-        x = nn.Conv(size.width, (size.patch_size, size.patch_size),
-                    strides=(size.patch_size, size.patch_size), padding="VALID",
+    def _embed(self, images: jax.Array, train: bool) -> jax.Array:
+        """Patches, position embedding and prefix tokens: [B, H, W, C] -> [B, T, D]."""
+        dims = self.dims
+        x = nn.Conv(dims.width, (dims.patch_size, dims.patch_size),
+                    strides=(dims.patch_size, dims.patch_size), padding="VALID",
                     dtype=self.dtype, name="embedding")(images)
         batch, gh, gw, width = x.shape
         x = x.reshape(batch, gh * gw, width)
         posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(width)),
                             (1, gh * gw, width))
         x = x + posemb.astype(x.dtype)
-
         prefix = []
         if self.class_token:
             prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, width)))
@@ -475,35 +433,39 @@ class ViT(nn.Module):
         if prefix:
             prefix = jnp.concatenate(prefix, axis=1).astype(x.dtype)
             x = jnp.concatenate([jnp.broadcast_to(prefix, (batch,) + prefix.shape[1:]), x], 1)
-        x = nn.Dropout(rate=self.dropout)(x, not train)
+        return nn.Dropout(rate=self.dropout)(x, not train)
 
-        merge_cfg = MergeConfig(class_token=self.class_token,
-                                num_extra=self.num_prefix_tokens - int(self.class_token),
-                                prop_attn=self.prop_attn, trace_source=self.trace_source,
-                                method=self.merge_method, strategy=self.strategy,
-                                dtem_soft=self.soft_merge, dtem_tau1=self.dtem_tau1,
-                                dtem_tau2=self.dtem_tau2, dtem_k=self.dtem_k,
-                                dtem_fused=self.dtem_fused)
-        x, tok_size, source = Encoder(
-            depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads, rs=tuple(rs),
-            merge_cfg=merge_cfg, final_norm=self.pool != "mae", dropout=self.dropout,
-            drop_path=self.drop_path, layerscale_init=self.layerscale_init,
-            approximate_gelu=self.approximate_gelu, dtype=self.dtype, dtem_dim=self.dtem_dim,
-            name="Transformer")(x, deterministic=not train)
-        out.update(encoded=x, size=tok_size, source=source)
+    def _encoder(self, image_size: tuple[int, int]) -> Encoder:
+        """The block stack for this resolution's static schedule."""
+        dims = self.dims
+        rs, _ = self.token_schedule(image_size)
+        block = BlockConfig(mlp_dim=dims.mlp_dim, num_heads=dims.num_heads, dropout=self.dropout,
+                            layerscale_init=self.layerscale_init,
+                            approximate_gelu=self.approximate_gelu, dtype=self.dtype,
+                            dtem_dim=self.dtem_dim)
+        return Encoder(block, self.merge_config(), self.reducer(), tuple(rs),
+                       final_norm=self.pool != "mae", drop_path=self.drop_path,
+                       name="Transformer")
 
+    def _pool(self, tokens: Tokens) -> list[jax.Array]:
+        """The pooled [B, D] features: the class token's (and the distill token's), or the
+        size-weighted mean of the patch tokens."""
+        x = tokens.x
         if self.pool == "tok":
-            pooled = [x[:, 0]] + ([x[:, 1]] if self.distill_token else [])
-        else:
-            start = self.num_prefix_tokens
-            patch_size = None if tok_size is None else tok_size[:, start:]
-            pooled = [_weighted_mean(x[:, start:], patch_size)]
-            if self.pool == "mae":
-                pooled = [nn.LayerNorm(dtype=self.dtype, name="fc_norm")(pooled[0])]
+            return [x[:, 0]] + ([x[:, 1]] if self.distill_token else [])
+        start = self.num_prefix_tokens
+        patch_size = None if tokens.size is None else tokens.size[:, start:]
+        pooled = _weighted_mean(x[:, start:], patch_size)
+        if self.pool == "mae":
+            pooled = nn.LayerNorm(dtype=self.dtype, name="fc_norm")(pooled)
+        return [pooled]
+
+    def _head(self, pooled: list[jax.Array]) -> tuple[jax.Array, dict]:
+        """Pre-logits and head(s): -> (logits [B, num_classes] float32, out entries)."""
         if self.representation_size is not None:
             pre = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")
             pooled = [jnp.tanh(pre(p)) for p in pooled]
-        out["pre_logits"] = pooled[0]
+        out = {"pre_logits": pooled[0]}
         if not self.num_classes:
             return pooled[0].astype(jnp.float32), out
         head = dict(kernel_init=nn.initializers.zeros, dtype=self.dtype)

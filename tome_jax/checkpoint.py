@@ -1,0 +1,202 @@
+"""The model directory: DIR/params.msgpack (float32 params) + DIR/config.json.
+
+config.json:
+    {"model": {ViT fields}, "image_size": [H, W], "normalization": "augreg",
+     "source": "where the weights came from", "format": "tome_jax.checkpoint/2"}
+
+Written by `python -m tome_jax.convert` and `python -m train.ship`; read by every command.
+
+    save_model(dst, params, {"variant": "S/16", "num_classes": 10}, image_size=224,
+               normalization="augreg")
+    model, params, info = load_model(dst, r=8)
+    logits, out = model.apply({"params": params}, images_nhwc)  # info.normalization's inputs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tome_jax import normalization as norm
+from tome_jax.params import abstract_params, flatten, unflatten
+
+if TYPE_CHECKING:
+    from tome_jax.vit import ViT
+
+PARAMS_FILE = "params.msgpack"
+CONFIG_FILE = "config.json"
+FORMAT = "tome_jax.checkpoint/2"
+# Directories written before config.json named its normalization ("tome_jax.convert/1")
+# were all read with AugReg's [-1, 1] inputs, and without an image size at 224 px.
+LEGACY_NORMALIZATION = "augreg"
+DEFAULT_IMAGE_SIZE = 224
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model directory that cannot be used (wrong format, corrupt, unsafe,
+    parameters that do not fit the model)."""
+
+
+class DestinationExistsError(CheckpointError, FileExistsError):
+    """save_model's destination already exists (also a FileExistsError, as it always was)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What config.json says besides the params.
+
+    config: ViT fields as saved (load-time overrides not included); image_size: (H, W) the
+    position embeddings fit; normalization: a `tome_jax.normalization` name; source: free text.
+    """
+
+    config: dict[str, Any]
+    image_size: tuple[int, int]
+    normalization: str
+    source: str
+
+
+def _image_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+def save_model(dst: str | os.PathLike, params: Mapping[str, Any], config: dict[str, Any], *,
+               image_size: int | tuple[int, int], normalization: str,
+               source: str = "") -> Path:
+    """Writes DST/{params.msgpack, config.json} atomically: DST appears only when complete.
+
+    params: a nested tree or a flat {"a/b/c": array} dict (saved as float32). Raises
+    DestinationExistsError (a CheckpointError and a FileExistsError) if DST exists.
+    """
+    from flax import serialization
+
+    norm.check(normalization)
+    image_hw = _image_hw(image_size)
+    dst = Path(dst)
+    if dst.exists():
+        raise DestinationExistsError(f"{dst} exists; refusing to overwrite")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like mkdir's
+        tree = unflatten({k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
+        (tmp / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(tree))
+        meta = {"model": config, "image_size": list(image_hw), "normalization": normalization,
+                "source": source, "format": FORMAT}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, dst)  # atomic on one filesystem
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """True when path holds both config.json and params.msgpack (contents not checked)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_FILE).is_file()
+
+
+def _require_files(path: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} is not a converted checkpoint: {path / name} is "
+                                  "missing (make one with `python -m tome_jax.convert SRC DIR`"
+                                  " or `python -m train.ship`)")
+
+
+def _parse_info(path: Path, meta: Any) -> ModelInfo:
+    """config.json's parsed JSON -> ModelInfo; CheckpointError naming the file if malformed."""
+    file = path / CONFIG_FILE
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{file} does not describe a tome_jax ViT: no \"model\" object")
+    size = meta.get("image_size") or DEFAULT_IMAGE_SIZE
+    try:
+        image_hw = _image_hw(size)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: image_size {size!r} is not [H, W] ({e})") from None
+    name = meta.get("normalization", LEGACY_NORMALIZATION)
+    try:
+        norm.check(name)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    return ModelInfo(config=dict(meta["model"]), image_size=image_hw, normalization=name,
+                     source=str(meta.get("source", "")))
+
+
+def read_info(path: str | os.PathLike) -> ModelInfo:
+    """DIR/config.json -> ModelInfo, without reading the params."""
+    path = Path(path)
+    _require_files(path, (CONFIG_FILE,))
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} does not describe a tome_jax ViT: "
+                              f"{type(e).__name__}: {e}") from None
+    return _parse_info(path, meta)
+
+
+def _read_params(file: Path) -> dict[str, np.ndarray]:
+    from flax import serialization
+
+    try:
+        params = serialization.msgpack_restore(file.read_bytes())
+        return {k: np.asarray(v) for k, v in flatten(params).items()}
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types on bad bytes
+        raise CheckpointError(f"{file} is corrupt or not a params file "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _check_fit(path: Path, flat: dict[str, np.ndarray], model: ViT,
+               image_hw: tuple[int, int]) -> None:
+    """CheckpointError listing missing, unexpected and mis-shaped tensors, if any."""
+    try:
+        shapes = abstract_params(model, image_hw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} does not describe a tome_jax ViT at "
+                              f"{image_hw} px: {type(e).__name__}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
+    got = {k: tuple(v.shape) for k, v in flat.items()}
+    if got != expected:
+        missing, extra = sorted(expected.keys() - got), sorted(got.keys() - expected)
+        other = [f"{k} {got[k]} vs {expected[k]}" for k in sorted(expected.keys() & got)
+                 if got[k] != expected[k]]
+        raise CheckpointError(f"{path} does not fit its config's model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}, other shapes {other[:3]}")
+
+
+def load_model(path: str | os.PathLike, **overrides: Any) -> tuple[ViT, Any, ModelInfo]:
+    """A model directory -> (ViT, params as jax arrays, ModelInfo).
+
+    overrides: ViT fields to change at load time (e.g. r=8, strategy="prune").
+    Raises CheckpointError naming the problem: a missing file, a config that does not describe
+    a tome_jax ViT, an unreadable params file, or parameters that do not fit the model (a
+    tensor missing, extra or of another shape, e.g. DTEM embeddings the config does not know).
+    """
+    import jax.numpy as jnp
+
+    from tome_jax.vit import ViT
+
+    path = Path(path)
+    _require_files(path, (CONFIG_FILE, PARAMS_FILE))
+    info = read_info(path)
+    try:
+        model = ViT(**{**info.config, **overrides})
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} does not describe a tome_jax ViT: "
+                              f"{type(e).__name__}: {e}") from None
+    flat = _read_params(path / PARAMS_FILE)
+    _check_fit(path, flat, model, info.image_size)
+    return model, unflatten({k: jnp.asarray(v) for k, v in flat.items()}), info

