@@ -238,8 +238,14 @@ def test_each_error_names_the_file(tmp_path):
     (missing / ck.CONFIG_FILE).write_text(json.dumps({"model": CONFIG}))
     with pytest.raises(ck.CheckpointError, match=f"{at(missing / ck.PARAMS_FILE)} is missing"):
         ck.load_model(missing)
-    # Corrupt params.
+    # Corrupt params: the recorded sha256 catches it; without one, msgpack does.
     (ok / ck.PARAMS_FILE).write_bytes(b"\xc1 not msgpack")
+    with pytest.raises(ck.CheckpointError,
+                       match=f"{at(ok / ck.PARAMS_FILE)}: checksum mismatch.*the file is corrupt"):
+        ck.load_model(ok)
+    meta = json.loads((ok / ck.CONFIG_FILE).read_text())
+    del meta[ck.CHECKSUMS]
+    (ok / ck.CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(ck.CheckpointError, match=f"{at(ok / ck.PARAMS_FILE)} is corrupt"):
         ck.load_model(ok)
     # Bad config: not a ViT, not JSON, no model, bad normalization.

@@ -1,9 +1,11 @@
 """jax.export of a merged ViT: reload in a fresh process without tome_jax, same logits."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -42,19 +44,36 @@ def artefacts(tiny, tmp_path_factory):
     return d
 
 
-# Runs in a fresh interpreter; tome_jax and flax are blocked, so only jax + numpy serve it.
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "export.md"
+
+
+def documented_loader() -> str:
+    """The `load_verified` function that docs/export.md shows for serving without tome_jax."""
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    (block,) = [b for b in blocks if "def load_verified" in b]
+    return block.split("\nexported = ")[0]
+
+
+# Runs in a fresh interpreter; tome_jax and flax are blocked, so only jax + numpy serve it. It
+# loads through the documented checked loader, which must refuse a copy with 2 bytes flipped.
 FRESH = textwrap.dedent("""
     import json, sys
     sys.modules["tome_jax"] = None  # any import of it now fails
     sys.modules["flax"] = None
     import jax, numpy as np
     d = sys.argv[1]
+    exec(open(f"{d}/loader.py").read())
     out = {}
-    sym = jax.export.deserialize(bytearray(open(f"{d}/sym.jaxexport", "rb").read()))
+    sym = load_verified(f"{d}/sym.jaxexport")
     for b in (1, 3):
         out[f"sym{b}"] = np.asarray(sym.call(np.load(f"{d}/x{b}.npy")))
-    fixed = jax.export.deserialize(bytearray(open(f"{d}/fixed.jaxexport", "rb").read()))
+    fixed = load_verified(f"{d}/fixed.jaxexport")
     out["fixed2"] = np.asarray(fixed.call(np.load(f"{d}/x2.npy")))
+    try:
+        load_verified(f"{d}/flipped.jaxexport")
+        out["flip_refused"] = np.array(False)
+    except ValueError as e:
+        out["flip_refused"] = np.array("checksum mismatch" in str(e))
     try:
         fixed.call(np.load(f"{d}/x3.npy"))
         out["fixed_rejects_3"] = np.array(False)
@@ -71,6 +90,15 @@ def test_artefact_reloads_in_a_fresh_process_with_the_same_logits(tiny, artefact
     x3 = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
     for b in (1, 2, 3):
         np.save(artefacts / f"x{b}.npy", x3[:b])
+    (artefacts / "loader.py").write_text(documented_loader())
+    data = bytearray((artefacts / "sym.jaxexport").read_bytes())
+    i = len(data) // 2  # inside the baked-in weights: deserializes and runs when unchecked
+    data[i] ^= 0x40
+    data[i + 1] ^= 0x40
+    (artefacts / "flipped.jaxexport").write_bytes(data)
+    (artefacts / "flipped.jaxexport.json").write_bytes(
+        (artefacts / "sym.jaxexport.json").read_bytes())
+    unchecked = jax.export.deserialize(data).call(x3)
     proc = subprocess.run([sys.executable, "-c", FRESH, str(artefacts)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -84,6 +112,8 @@ def test_artefact_reloads_in_a_fresh_process_with_the_same_logits(tiny, artefact
         want = live[:b]
         np.testing.assert_allclose(got[key], want, atol=1e-5, rtol=0)
     assert bool(got["fixed_rejects_3"])
+    assert bool(got["flip_refused"])
+    assert not np.allclose(unchecked, live, atol=1e-3)  # what the check prevents
 
 
 def test_sidecar_records_shape_schedule_and_version(tiny, artefacts):
@@ -113,11 +143,14 @@ def test_corrupt_and_truncated_artefacts_give_clear_errors(artefacts, tmp_path):
         with pytest.raises(export.ExportError, match=f"{name}.jaxexport.*(truncated|corrupt)"):
             export.load_exported(path)
     for name in ("truncated", "garbage"):
-        # Without it: the deserializer's own failure, wrapped with the file's name.
+        # Without it: refused as unverifiable; unchecked, the deserializer's own failure,
+        # wrapped with the file's name.
         path = tmp_path / f"{name}.jaxexport"
         export.sidecar_path(path).unlink()
-        with pytest.raises(export.ExportError, match="not a readable jax.export artefact"):
+        with pytest.raises(export.ExportError, match=f"{name}.jaxexport: no sidecar"):
             export.load_exported(path)
+        with pytest.raises(export.ExportError, match="not a readable jax.export artefact"):
+            export.load_exported(path, verify=False)
     with pytest.raises(export.ExportError, match="no exported model"):
         export.load_exported(tmp_path / "missing.jaxexport")
     ok = export.load_exported(artefacts / "sym.jaxexport")
@@ -140,14 +173,28 @@ def test_cli(tiny, tmp_path, capsys):
     reloaded = export.load_exported(out)
     assert reloaded.in_avals[0].shape == (3, 32, 32, 3)
     assert reloaded.out_avals[0].shape == (3, 10)
-    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--batch", "0"]) == 1
+    other = tmp_path / "other.jaxexport"
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(other), "--batch", "0"]) == 1
     assert "--batch must be >= 1" in capsys.readouterr().err
-    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out),
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(other),
                         "--image-size", "36"]) == 1
     assert "not divisible by the patch size" in capsys.readouterr().err
-    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out),
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(other),
                         "--image-size", "48"]) == 1
     assert "position embeddings cover 16 patches" in capsys.readouterr().err
+    assert not other.exists()
+    # An existing artefact is kept unless --overwrite.
+    before = out.read_bytes()
+    assert cli.main(["--checkpoint", str(ckpt), "--r", "0", "--out", str(out),
+                     "--batch", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {out} exists; refusing to overwrite it (--overwrite replaces it)\n"
+    assert out.read_bytes() == before
+    assert cli.main(["--checkpoint", str(ckpt), "--r", "0", "--out", str(out), "--batch", "3",
+                     "--overwrite"]) == 0
+    capsys.readouterr()
+    assert out.read_bytes() != before
+    assert export.load_exported(out).in_avals[0].shape == (3, 32, 32, 3)
 
 
 def test_module_entry_point():

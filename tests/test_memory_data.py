@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -178,7 +179,8 @@ def test_bad_sources_are_named(folder, tmp_path):
     bad = tmp_path / "bad"
     (bad / "train" / "x").mkdir(parents=True)
     (bad / "train" / "x" / "0.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match="cannot decode image train/x/0.jpg"):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad / 'train' / 'x' / '0.jpg'))}: "
+                                         r"not an image \(no known image format\)"):
         memory_data.read_image_folder(bad, "train", 32)
     split = memory_data.read_image_folder(folder, "train", 32)
     mesh = sharding.batch_mesh(jax.devices()[:1])

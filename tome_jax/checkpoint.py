@@ -2,7 +2,13 @@
 
 config.json:
     {"model": {ViT fields}, "image_size": [H, W], "normalization": "augreg",
-     "source": "where the weights came from", "format": "tome_jax.checkpoint/2"}
+     "source": "where the weights came from", "format": "tome_jax.checkpoint/2",
+     "sha256": {"params.msgpack": hex digest of the file, "model": hex digest of the "model"
+                object as canonical JSON}}
+
+Every load verifies both digests, so a corrupt or replaced params file (or an edited "model"
+object) is refused instead of loaded with wrong weights; a directory written before the digests
+existed has nothing to verify and loads as before.
 
 Written by `python -m tome_jax.convert` and `python -m train.ship`; read by every command.
 
@@ -15,6 +21,7 @@ Written by `python -m tome_jax.convert` and `python -m train.ship`; read by ever
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -49,6 +56,44 @@ class DestinationExistsError(CheckpointError, FileExistsError):
     """save_model's destination already exists (also a FileExistsError, as it always was)."""
 
 
+class WriteError(CheckpointError, OSError):
+    """save_model could not write (disk full, no permission); also an OSError with its errno."""
+
+
+CHECKSUMS = "sha256"  # the config.json key holding the digests
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_digest(model_config: Any) -> str:
+    """sha256 of the "model" object as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(model_config, sort_keys=True, separators=(",", ":"))
+    return sha256_hex(text.encode())
+
+
+def checksums(params_bytes: bytes, model_config: dict[str, Any]) -> dict[str, str]:
+    """The "sha256" entry of config.json for these params bytes and "model" object."""
+    return {PARAMS_FILE: sha256_hex(params_bytes), "model": model_digest(model_config)}
+
+
+def _write_synced(file: Path, data: bytes) -> None:
+    """Writes data and flushes it to the disk, so a later rename publishes complete bytes."""
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_error(path: Path, error: OSError) -> WriteError:
+    """One line naming path and the system's reason ("No space left on device")."""
+    reason = error.strerror or str(error)
+    err = WriteError(f"cannot write {path}: {reason} (nothing was written there)")
+    err.errno = error.errno
+    return err
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What config.json says besides the params.
@@ -75,30 +120,40 @@ def save_model(dst: str | os.PathLike, params: Mapping[str, Any], config: dict[s
                source: str = "") -> Path:
     """Writes DST/{params.msgpack, config.json} atomically: DST appears only when complete.
 
-    params: a nested tree or a flat {"a/b/c": array} dict (saved as float32). Raises
-    DestinationExistsError (a CheckpointError and a FileExistsError) if DST exists.
+    params: a nested tree or a flat {"a/b/c": array} dict (saved as float32). config.json
+    records the sha256 of params.msgpack and of `config` (see the module doc). Raises
+    DestinationExistsError (a CheckpointError and a FileExistsError) if DST exists, and
+    WriteError (a CheckpointError and an OSError) naming DST when the disk is full or not
+    writable; either way nothing is left behind.
     """
     from flax import serialization
 
     norm.check(normalization)
     image_hw = _image_hw(image_size)
     dst = Path(dst)
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         raise DestinationExistsError(f"{dst} exists; refusing to overwrite")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    tree = unflatten({k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
+    data = serialization.msgpack_serialize(tree)
+    tmp = None
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        umask = os.umask(0)
+        os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like mkdir's
-        tree = unflatten({k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
-        (tmp / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(tree))
+        _write_synced(tmp / PARAMS_FILE, data)
         meta = {"model": config, "image_size": list(image_hw), "normalization": normalization,
-                "source": source, "format": FORMAT}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+                "source": source, "format": FORMAT, CHECKSUMS: checksums(data, config)}
+        _write_synced(tmp / CONFIG_FILE, json.dumps(meta, indent=2).encode())
         os.replace(tmp, dst)  # atomic on one filesystem
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+            if dst.exists() or dst.is_symlink():  # another writer won the race for the name
+                raise DestinationExistsError(f"{dst} exists; refusing to overwrite") from e
+            raise write_error(dst, e) from e
         raise
     return dst
 
@@ -132,27 +187,53 @@ def _parse_info(path: Path, meta: Any) -> ModelInfo:
         norm.check(name)
     except ValueError as e:
         raise CheckpointError(f"{file}: {e}") from None
+    expected = _recorded(file, meta).get("model")
+    if expected is not None and model_digest(meta["model"]) != expected:
+        raise CheckpointError(f"{file}: checksum mismatch of its \"model\" object (expected "
+                              f"{expected}, got {model_digest(meta['model'])}); the file is "
+                              "corrupt or was edited")
     return ModelInfo(config=dict(meta["model"]), image_size=image_hw, normalization=name,
                      source=str(meta.get("source", "")))
 
 
-def read_info(path: str | os.PathLike) -> ModelInfo:
-    """DIR/config.json -> ModelInfo, without reading the params."""
-    path = Path(path)
-    _require_files(path, (CONFIG_FILE,))
+def _recorded(file: Path, meta: dict[str, Any]) -> dict[str, str]:
+    """config.json's digests ({} for a directory written before they existed)."""
+    sums = meta.get(CHECKSUMS, {})
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise CheckpointError(f"{file}: \"{CHECKSUMS}\" is not an object of hex digests")
+    return sums
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """config.json parsed; CheckpointError naming it when unreadable."""
     try:
-        meta = json.loads((path / CONFIG_FILE).read_text())
-    except (ValueError, OSError) as e:
+        return json.loads((path / CONFIG_FILE).read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path / CONFIG_FILE} does not describe a tome_jax ViT: "
                               f"{type(e).__name__}: {e}") from None
-    return _parse_info(path, meta)
 
 
-def _read_params(file: Path) -> dict[str, np.ndarray]:
+def read_info(path: str | os.PathLike) -> ModelInfo:
+    """DIR/config.json -> ModelInfo, without reading the params (the "model" digest is checked)."""
+    path = Path(path)
+    _require_files(path, (CONFIG_FILE,))
+    return _parse_info(path, _read_meta(path))
+
+
+def _read_params(file: Path, expected: str | None) -> dict[str, np.ndarray]:
+    """params.msgpack -> flat arrays; CheckpointError naming the file when its sha256 is not
+    `expected` (None: nothing recorded to check) or its bytes do not parse."""
     from flax import serialization
 
     try:
-        params = serialization.msgpack_restore(file.read_bytes())
+        data = file.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror or e})") from None
+    if expected is not None and sha256_hex(data) != expected:
+        raise CheckpointError(f"{file}: checksum mismatch (expected {expected}, got "
+                              f"{sha256_hex(data)}); the file is corrupt")
+    try:
+        params = serialization.msgpack_restore(data)
         return {k: np.asarray(v) for k, v in flatten(params).items()}
     except Exception as e:  # noqa: BLE001 - msgpack raises several types on bad bytes
         raise CheckpointError(f"{file} is corrupt or not a params file "
@@ -182,8 +263,9 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> tuple[ViT, Any, Mod
 
     overrides: ViT fields to change at load time (e.g. r=8, strategy="prune").
     Raises CheckpointError naming the problem: a missing file, a config that does not describe
-    a tome_jax ViT, an unreadable params file, or parameters that do not fit the model (a
-    tensor missing, extra or of another shape, e.g. DTEM embeddings the config does not know).
+    a tome_jax ViT, a file whose sha256 differs from the one recorded in config.json, an
+    unreadable params file, or parameters that do not fit the model (a tensor missing, extra
+    or of another shape, e.g. DTEM embeddings the config does not know).
     """
     import jax.numpy as jnp
 
@@ -191,12 +273,14 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> tuple[ViT, Any, Mod
 
     path = Path(path)
     _require_files(path, (CONFIG_FILE, PARAMS_FILE))
-    info = read_info(path)
+    meta = _read_meta(path)
+    info = _parse_info(path, meta)
     try:
         model = ViT(**{**info.config, **overrides})
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE} does not describe a tome_jax ViT: "
                               f"{type(e).__name__}: {e}") from None
-    flat = _read_params(path / PARAMS_FILE)
+    recorded = _recorded(path / CONFIG_FILE, meta).get(PARAMS_FILE)
+    flat = _read_params(path / PARAMS_FILE, recorded)
     _check_fit(path, flat, model, info.image_size)
     return model, unflatten({k: jnp.asarray(v) for k, v in flat.items()}), info

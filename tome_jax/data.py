@@ -20,6 +20,15 @@ at batch k without decoding the k batches before it, which is how training resum
 
 Only a bounded number of batches (the `prefetch` queue plus tf.data's in-flight map calls) is
 ever in host memory: images are decoded as they are read, never the whole split.
+
+Bad files of an image folder (`image_folder`, `cifar10_jpeg`; see `tome_jax.image_files`): an
+image that does not decode stops the stream with one BadImageError line naming the file (the
+folder is scanned only then, so a clean folder costs nothing extra). `skip_bad_images=True`
+scans the split's files before the pipeline is built (PIL, then the pipeline's own decoder:
+under a second for 1,000 CIFAR-sized JPEGs), leaves out the bad ones and lists them in
+`batches.skipped`; `index` then counts the kept examples. A folder with a SHA256SUMS manifest
+has every file of the split checked against it first, which also catches overwritten bytes
+that still decode.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -36,9 +47,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tome_jax import image_files, sources
 from tome_jax import normalization as normalization_lib
 from tome_jax import randaugment as randaugment_lib
-from tome_jax import sources
+from tome_jax.image_files import BadImage, BadImageError
 from tome_jax.normalization import (  # noqa: F401 - re-exported: data.NORMALIZATIONS
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -84,6 +96,64 @@ def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
 def decode(image_bytes: tf.Tensor) -> tf.Tensor:
     """JPEG/PNG bytes -> [h, w, 3] uint8 (grayscale is repeated to RGB)."""
     return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
+
+def _tf_message(error: tf.errors.OpError) -> str:
+    """TensorFlow's reason without its function-node and op decorations, on one line."""
+    text = re.sub(r"\{\{[^}]*\}\}|\[\[[^]]*\]\]|\[Op:[^]]*\]|\bname:\s*\S*\s*$", " ",
+                  error.message)
+    return " ".join(text.split())
+
+
+def decode_problem(encoded: bytes) -> str | None:
+    """Why these bytes are not an image the pipeline can decode; None when they are.
+
+    PIL looks first (it fails quietly, where libjpeg inside TensorFlow prints to stderr); what
+    PIL reads is then tried with `decode` itself, so a file that passes never stops the stream.
+    """
+    problem = image_files.decode_problem(encoded)
+    if problem:
+        return problem
+    try:
+        decode(tf.constant(encoded))
+    except tf.errors.OpError as e:
+        return f"not a decodable image ({_tf_message(e)})"
+    return None
+
+
+def folder_files(builder: tfds.core.DatasetBuilder, split: str) -> list[tuple[str, int]] | None:
+    """[(path, label)] of an image folder's split in the order tfds.ImageFolder reads it;
+    None for other sources (their images sit inside prepared records)."""
+    if not isinstance(builder, tfds.ImageFolder):
+        return None
+    label = builder.info.features["label"]
+    return [(ex.image_path, label.str2int(ex.label)) for ex in builder._split_examples[split]]
+
+
+def _scan(files: Iterable[tuple[str, int]], *, decode_all: bool) -> list[BadImage]:
+    """The bad files among files: those whose bytes differ from their folder's SHA256SUMS
+    (when it has one) and, with decode_all, those that do not decode."""
+    files = list(files)
+    manifests: dict[Path, dict[str, str] | None] = {}
+    bad = []
+    for path, _ in files:
+        root = Path(path).parents[2]  # <root>/<split>/<class>/<file>
+        if root not in manifests:
+            manifests[root] = image_files.read_manifest(root)
+        expected = (manifests[root] or {}).get(Path(path).relative_to(root).as_posix())
+        if expected is None and not decode_all:
+            continue
+        data = image_files.read_bytes(path)
+        problem = image_files.checksum_problem(data, expected)
+        if problem is None and decode_all:
+            problem = decode_problem(data)
+        if problem:
+            bad.append(BadImage(path, problem))
+    return bad
+
+
+def _has_manifest(files: list[tuple[str, int]]) -> bool:
+    return bool(files) and (Path(files[0][0]).parents[2] / image_files.MANIFEST).is_file()
 
 
 def _resize(image: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Tensor:
@@ -147,14 +217,20 @@ def resolve_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[str, i
     return ins.splitname, start, stop
 
 
+def _read_files(files: list[tuple[str, int]]) -> tf.data.Dataset:
+    """Image files as {"image": encoded bytes, "label": int64}, as tfds.ImageFolder reads them."""
+    paths = tf.constant([p for p, _ in files], tf.string)
+    labels = tf.constant([label for _, label in files], tf.int64)
+    return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        lambda path, label: {"image": tf.io.read_file(path), "label": label},
+        num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _read(builder: tfds.core.DatasetBuilder, name: str, start: int, stop: int,
           shuffle_files: bool, seed: int) -> tf.data.Dataset:
     """Examples [start, stop) of a split as {"image": encoded bytes, "label": int64}."""
     decoders = {"image": tfds.decode.SkipDecoding()}  # decoded later, fused with the resize
     read_config = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=False)
-    if isinstance(builder, tfds.ImageFolder):  # ImageFolder has no sub-split API
-        ds = builder.as_dataset(split=name, decoders=decoders, read_config=read_config)
-        return ds.skip(start).take(stop - start)
     return builder.as_dataset(split=f"{name}[{start}:{stop}]", decoders=decoders,
                               shuffle_files=shuffle_files, read_config=read_config)
 
@@ -166,11 +242,16 @@ class Batches:
     num_batches: batches per pass of this process (one epoch when training).
     num_examples: examples of the whole split over all processes (padding excluded).
     batch_size: this process's batch; global_batch_size: batch_size * process_count.
+    skipped: the files left out as bad (`make_dataset(skip_bad_images=True)`).
+    explain: a decode error of the stream -> the error to raise instead (one line naming the
+    file); None keeps TensorFlow's.
     """
 
     def __init__(self, build: Callable[..., tf.data.Dataset], *, num_batches: int,
                  num_examples: int, batch_size: int, process_count: int,
-                 num_classes: int | None, name: str, split: str, train: bool):
+                 num_classes: int | None, name: str, split: str, train: bool,
+                 skipped: tuple[BadImage, ...] = (),
+                 explain: Callable[[tf.errors.OpError], Exception] | None = None):
         self.build = build
         self.num_batches = num_batches
         self.num_examples = num_examples
@@ -178,13 +259,26 @@ class Batches:
         self.global_batch_size = batch_size * process_count
         self.num_classes = num_classes
         self.name, self.split, self.train = name, split, train
+        self.skipped = skipped
+        self.explain = explain
+
+    def _explained(self, batches: Iterable[dict[str, np.ndarray]]
+                   ) -> Iterator[dict[str, np.ndarray]]:
+        """The batches; a decode failure inside tf.data becomes `explain`'s one-line error."""
+        try:
+            yield from batches
+        except tf.errors.InvalidArgumentError as e:
+            better = self.explain(e) if self.explain else e
+            if better is e:
+                raise
+            raise better from None
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if self.train:
             return self.iterate_from(0)
         # A fresh pipeline per pass: a reused tf.data shuffle would continue its seed stream,
         # so a second pass would differ from the first.
-        return iter(tfds.as_numpy(self.build()))
+        return self._explained(tfds.as_numpy(self.build()))
 
     def iterate_from(self, batch: int) -> Iterator[dict[str, np.ndarray]]:
         """The training stream (endless) starting at its `batch`-th batch."""
@@ -192,7 +286,8 @@ class Batches:
             raise ValueError("iterate_from is for training streams; evaluation reads in order")
         first_epoch, skip = divmod(batch, self.num_batches)
         for epoch in itertools.count(first_epoch):
-            yield from tfds.as_numpy(self.build(epoch, skip if epoch == first_epoch else 0))
+            yield from self._explained(
+                tfds.as_numpy(self.build(epoch, skip if epoch == first_epoch else 0)))
 
     def __len__(self) -> int:
         return self.num_batches
@@ -208,7 +303,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
                  eval_crop: float | None = None, prefetch: int = 2,
                  shuffle_buffer: int = 10_000, process_index: int | None = None,
                  process_count: int | None = None,
-                 randaugment: tuple[int, float] | None = None) -> Batches:
+                 randaugment: tuple[int, float] | None = None,
+                 skip_bad_images: bool = False) -> Batches:
     """Batches of a named dataset (`tome_jax.sources.NAMES`) for this process; see module doc.
 
     batch_size: global batch over all processes. split: a tfds split spec ("test",
@@ -217,6 +313,9 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
     eval_crop: overrides the dataset's center crop fraction (`RECIPES`).
     randaugment: (num_ops, magnitude) adds RandAugment to training augmentation; None: off.
     process_index / process_count: default to JAX's (set them to test sharding).
+    skip_bad_images: image folders only; leave out files that do not decode (or differ from
+      the folder's SHA256SUMS) and list them in `skipped`, instead of stopping with a
+      BadImageError naming the first (see the module doc).
     """
     if name not in sources.NAMES:
         raise ValueError(f"unknown dataset {name!r}; known: {sources.NAMES}")
@@ -233,9 +332,27 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
 
     builder = sources.get_builder(name, data_dir)
     split_name, start, stop = resolve_split(builder, split)
-    num_examples = stop - start
-    if num_examples <= 0:
+    if stop - start <= 0:
         raise ValueError(f"split {split!r} of {name} is empty")
+    where = f"{name} {split!r}"
+    files = folder_files(builder, split_name)
+    skipped: list[BadImage] = []
+    if files is not None:
+        files = files[start:stop]
+        # Every process scans the whole slice, so all agree on what is left out.
+        if skip_bad_images or _has_manifest(files):
+            skipped = _scan(files, decode_all=skip_bad_images)
+        if skipped and not skip_bad_images:
+            raise image_files.bad_images_error(skipped, where)
+        bad_paths = {b.path for b in skipped}
+        files = [f for f in files if f[0] not in bad_paths]
+        if not files:
+            raise BadImageError(f"{skipped[0]}; no usable image left in {where} "
+                                f"({len(skipped)} bad)")
+    elif skip_bad_images:
+        raise ValueError(f"skip_bad_images needs an image folder source (image_folder, "
+                         f"cifar10_jpeg); {name} keeps its images in prepared records")
+    num_examples = stop - start if files is None else len(files)
     lo, hi = host_slice(num_examples, process_index, process_count)
     host_n = hi - lo
     local_batch = math.ceil(batch_size / process_count)
@@ -254,8 +371,11 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
 
     def build(epoch: int = 0, skip_batches: int = 0) -> tf.data.Dataset:
         epoch_seed = seed * 7919 + epoch
-        ds = _read(builder, split_name, start + lo, start + hi, shuffle_files=train,
-                   seed=epoch_seed)
+        if files is not None:
+            ds = _read_files(files[lo:hi])
+        else:
+            ds = _read(builder, split_name, start + lo, start + hi, shuffle_files=train,
+                       seed=epoch_seed)
         options = tf.data.Options()
         options.deterministic = True
         ds = ds.with_options(options)
@@ -298,9 +418,20 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int,
             ds = ds.prefetch(prefetch)
         return ds
 
+    def explain(error: tf.errors.OpError) -> Exception:
+        """A decode failure in the stream -> BadImageError naming this process's bad files
+        (a source without files: a one-line ValueError); any other error stays as it is."""
+        if files is None:
+            if "decode" not in error.message.lower():
+                return error
+            return ValueError(f"{where}: an image does not decode ({_tf_message(error)})")
+        bad = _scan(files[lo:hi], decode_all=True)
+        return image_files.bad_images_error(bad, where) if bad else error
+
     return Batches(build, num_batches=num_batches, num_examples=num_examples,
                    batch_size=local_batch, process_count=process_count,
-                   num_classes=num_classes, name=name, split=split, train=train)
+                   num_classes=num_classes, name=name, split=split, train=train,
+                   skipped=tuple(skipped), explain=explain)
 
 
 def class_names(name: str, data_dir: str | os.PathLike | None = None) -> list[str] | None:

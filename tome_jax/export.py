@@ -5,19 +5,22 @@ constants, so serving needs only JAX (no tome_jax, no flax):
 
     python -m tome_jax.export --checkpoint DIR --r 16 --out model.jaxexport [--batch 8]
 
-    exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
+    exported = load_exported("model.jaxexport")   # checks the bytes against the sidecar
     logits = exported.call(images)      # images [b, H, W, 3] float32, normalised
 
 Beside it, `model.jaxexport.json` records the input shape ("b" for a symbolic batch) and dtype,
 the r schedule (requested and per block), the model config, the byte count and sha256 of the
-artefact and the JAX version that wrote it.
+artefact and the JAX version that wrote it. Serving without tome_jax: docs/export.md shows the
+same check in a few lines of hashlib.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,48 +104,82 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def save_exported(path: str | os.PathLike, exported: jax.export.Exported,
-                  meta_fn: Any = None) -> dict[str, Any]:
-    """Writes the serialized artefact and its sidecar (each via a temporary file + rename, so a
-    crash never leaves a half-written file under the final name). meta_fn(bytes) -> sidecar
-    dict; None writes the bytes' size and hash only. Returns the sidecar."""
+                  meta_fn: Any = None, *, overwrite: bool = False) -> dict[str, Any]:
+    """Writes the serialized artefact and its sidecar; returns the sidecar.
+
+    meta_fn(bytes) -> sidecar dict; None writes the bytes' size and hash only (the sha256 is
+    what `load_exported` checks). Both files are written to temporary names first and renamed
+    when complete, so a crash or a full disk never leaves a half-written file under the final
+    names. Raises ExportError when path exists and not `overwrite`, and ExportError naming path
+    and the reason ("No space left on device") when it cannot be written.
+    """
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists; refusing to overwrite it (overwrite=True, or "
+                          "--overwrite on the command line, replaces it)")
     data = bytes(exported.serialize())
     meta = meta_fn(data) if meta_fn else {"format": FORMAT, "bytes": len(data),
                                           "sha256": hashlib.sha256(data).hexdigest(),
                                           "jax_version": jax.__version__}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, content in ((path, data), (sidecar_path(path),
-                                           json.dumps(meta, indent=2).encode())):
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, target)
+    side = sidecar_path(path)
+    temps: list[Path] = []
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for target, content in ((path, data), (side, json.dumps(meta, indent=2).encode())):
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            temps.append(Path(tmp))
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+        # The artefact first: between the two renames an old sidecar no longer matches it, so
+        # load_exported refuses the pair instead of trusting it.
+        for tmp, target in zip(temps, (path, side), strict=True):
+            os.replace(tmp, target)
+    except OSError as e:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise ExportError(f"cannot write {path}: {e.strerror or e} (nothing was written "
+                          "there)") from e
     return meta
 
 
-def load_exported(path: str | os.PathLike) -> jax.export.Exported:
-    """Reads an artefact back; raises ExportError naming the file when it is missing,
-    truncated or corrupt (checked against the sidecar's size and sha256 when there is one)."""
+def load_exported(path: str | os.PathLike, *, verify: bool = True) -> jax.export.Exported:
+    """Reads an artefact back after checking its bytes against the sidecar's size and sha256.
+
+    Raises ExportError naming the file when it is missing, truncated, corrupt (a checksum
+    mismatch) or not deserializable, and when `verify` and there is no sidecar with a sha256
+    to check against (verify=False loads such a file unchecked).
+    """
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"no exported model at {path}")
     data = path.read_bytes()
     side = sidecar_path(path)
+    meta: dict[str, Any] = {}
     if side.is_file():
         try:
             meta = json.loads(side.read_text())
-        except json.JSONDecodeError as e:
+        except (ValueError, OSError) as e:
             raise ExportError(f"sidecar {side} is not valid JSON: {e}") from None
-        if "bytes" in meta and len(data) != meta["bytes"]:
-            raise ExportError(f"{path} has {len(data)} bytes but {side.name} records "
-                              f"{meta['bytes']}: the file is truncated or was replaced")
-        if "sha256" in meta and hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise ExportError(f"{path} does not match the sha256 in {side.name}: corrupt")
+    if verify and not isinstance(meta.get("sha256"), str):
+        raise ExportError(f"{path}: no sidecar {side.name} with its sha256 beside it, so it "
+                          "cannot be verified (keep the two files together, or load it "
+                          "unverified with verify=False)")
+    if "bytes" in meta and len(data) != meta["bytes"]:
+        raise ExportError(f"{path} has {len(data)} bytes but {side.name} records "
+                          f"{meta['bytes']}: the file is truncated or was replaced")
+    got = hashlib.sha256(data).hexdigest()
+    if "sha256" in meta and got != meta["sha256"]:
+        raise ExportError(f"{path}: checksum mismatch (expected {meta['sha256']}, got {got}); "
+                          "the file is corrupt")
     try:
         return jax.export.deserialize(bytearray(data))
     except Exception as e:  # flatbuffers / MLIR raise assorted types on garbage
         raise ExportError(f"{path} is not a readable jax.export artefact (truncated, corrupt, "
-                          f"or written by an incompatible JAX): {type(e).__name__}: {e}"
-                          ) from None
+                          f"or written by an incompatible JAX): {type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0]}") from None
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import io
 import math
 import os
 import tarfile
@@ -34,27 +33,32 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tome_jax import sharding
+from tome_jax import image_files, sharding
+from tome_jax.image_files import IMAGE_SUFFIXES, BadImage, BadImageError
 from tome_jax.normalization import normalize
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageArrays:
-    """A decoded split. images [N, S, S, 3] uint8; labels [N] int32; class_names [K]."""
+    """A decoded split. images [N, S, S, 3] uint8; labels [N] int32; class_names [K];
+    skipped: the files left out as undecodable (`read_image_folder(skip_bad_images=True)`)."""
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
+    skipped: tuple[BadImage, ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def _members(source: Path, split: str) -> list[tuple[str, str, bytes]]:
-    """[(class, file name, encoded bytes)] of `<split>/<class>/<file>` in a folder or tar."""
+Member = tuple[str, str, bytes, str]  # (class, file name, encoded bytes, where: path or tar:name)
+
+
+def _members(source: Path, split: str) -> list[Member]:
+    """[(class, file name, encoded bytes, where)] of `<split>/<class>/<file>` in a folder or
+    tar, sorted by (class, file name); `where` names the file in messages."""
     found = []
     if source.is_dir():
         root = source / split
@@ -64,7 +68,8 @@ def _members(source: Path, split: str) -> list[tuple[str, str, bytes]]:
         splits = {split}
         for path in sorted(root.glob("*/*")):
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                found.append((path.parent.name, path.name, path.read_bytes()))
+                found.append((path.parent.name, path.name, image_files.read_bytes(path),
+                              str(path)))
     elif not source.is_file():
         raise FileNotFoundError(f"image folder or archive not found: {source}")
     else:
@@ -78,7 +83,8 @@ def _members(source: Path, split: str) -> list[tuple[str, str, bytes]]:
                         continue
                     splits.add(parts[-3])
                     if parts[-3] == split and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
-                        found.append((parts[-2], parts[-1], tar.extractfile(member).read()))
+                        found.append((parts[-2], parts[-1], tar.extractfile(member).read(),
+                                      f"{source}:{member.name}"))
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ValueError(f"corrupt or unreadable archive {source}: {e}") from e
     if not found:
@@ -87,35 +93,56 @@ def _members(source: Path, split: str) -> list[tuple[str, str, bytes]]:
     return sorted(found)
 
 
-def _decode(encoded: bytes, image_size: int, name: str) -> np.ndarray:
+def _decode(member: Member, image_size: int, expected: str | None) -> np.ndarray | BadImage:
+    """[S, S, 3] uint8 (resized bilinear when not S square), or why the file is unusable.
+
+    expected: its sha256 from the folder's manifest (None: not listed).
+    """
     from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(encoded)) as image:
-            image = image.convert("RGB")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(image, np.uint8)
-    except OSError as e:
-        raise ValueError(f"cannot decode image {name}: {e}") from e
+    encoded, where = member[2], member[3]
+    problem = image_files.checksum_problem(encoded, expected)
+    image = None
+    if problem is None:
+        image, problem = image_files.decode_rgb(encoded)
+    if problem:
+        return BadImage(where, problem)
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(image, np.uint8)
 
 
 def read_image_folder(source: str | os.PathLike, split: str, image_size: int,
-                      threads: int | None = None) -> ImageArrays:
+                      threads: int | None = None, *,
+                      skip_bad_images: bool = False) -> ImageArrays:
     """Decodes every image of `<split>/<class>/*` in a folder or a (compressed) tar.
 
     Labels index the sorted class folder names (as `tfds.ImageFolder` numbers them); examples
     are ordered by (class, file name). Images not image_size square are resized (bilinear).
     Returns images [N, image_size, image_size, 3] uint8 and labels [N] int32.
+
+    A file that does not decode (or, in a folder with a SHA256SUMS manifest, differs from it;
+    see `tome_jax.image_files`) raises BadImageError naming it, unless skip_bad_images: then
+    it is left out and listed in the result's `skipped`.
     """
-    members = _members(Path(source), split)
-    class_names = tuple(sorted({c for c, _, _ in members}))
+    source = Path(source)
+    members = _members(source, split)
+    manifest = image_files.read_manifest(source) if source.is_dir() else None
+    expected = [(manifest or {}).get(f"{split}/{c}/{name}") for c, name, _, _ in members]
+    class_names = tuple(sorted({m[0] for m in members}))
     index = {c: i for i, c in enumerate(class_names)}
     with concurrent.futures.ThreadPoolExecutor(threads or min(16, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(lambda m: _decode(m[2], image_size, f"{split}/{m[0]}/{m[1]}"),
-                               members, chunksize=256))
-    labels = np.array([index[c] for c, _, _ in members], np.int32)
-    return ImageArrays(np.stack(images), labels, class_names)
+        decoded = list(pool.map(lambda args: _decode(args[0], image_size, args[1]),
+                                zip(members, expected, strict=True), chunksize=256))
+    bad = [d for d in decoded if isinstance(d, BadImage)]
+    if bad and not skip_bad_images:
+        raise image_files.bad_images_error(bad, f"{source} {split!r}")
+    keep = [i for i, d in enumerate(decoded) if not isinstance(d, BadImage)]
+    if not keep:
+        raise BadImageError(f"{bad[0]}; no decodable image left in {source} {split!r} "
+                            f"({len(bad)} bad)")
+    labels = np.array([index[members[i][0]] for i in keep], np.int32)
+    return ImageArrays(np.stack([decoded[i] for i in keep]), labels, class_names, tuple(bad))
 
 
 def augment_batch(images: jax.Array, keys: jax.Array, pad: int) -> jax.Array:

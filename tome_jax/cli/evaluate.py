@@ -33,6 +33,9 @@ Params = Any
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m eval.evaluate", __doc__)
     add_data(p)
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out image files that do not decode (or differ from the folder's "
+                        "SHA256SUMS), count and list them; without it the first stops the run")
     p.add_argument("--eval-crop", type=float, default=None)
     p.add_argument("--image-size", type=int, default=None,
                    help="default: the model directory's, else 224")
@@ -61,21 +64,21 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     """The CLI's work: loads weights and data, evaluates, prints; returns the result dict."""
     import jax
     import numpy as np
-    import tensorflow_datasets as tfds
 
-    from tome_jax import data, sharding
+    from tome_jax import inputs, sharding
     from tome_jax.evaluation import evaluate
+    from tome_jax.image_files import skipped_line
     from tome_jax.params import random_params
     from tome_jax.timing import peak_rss_mib
 
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    tfds.display_progress_bar(False)
-    split = args.split or data.EVAL_SPLITS.get(args.data, "test")
+    split = inputs.eval_split(args.data, args.split)
     model, params, image_size, normalization = load_weights(
         args.checkpoint, image_size=args.image_size, normalization=args.normalization, r=args.r)
-    batches = data.make_dataset(args.data, split, batch_size=args.batch_size,
+    batches = inputs.eval_input(args.data, split, batch_size=args.batch_size,
                                 image_size=image_size, normalization=normalization,
-                                data_dir=args.data_dir, eval_crop=args.eval_crop)
+                                data_dir=args.data_dir, eval_crop=args.eval_crop,
+                                skip_bad_images=args.skip_bad_images)
     if model is None:
         model = ViT(variant=args.variant, num_classes=args.num_classes or batches.num_classes,
                     r=args.r, width=args.width, depth=args.depth, mlp_dim=args.mlp_dim,
@@ -92,6 +95,10 @@ def evaluate_command(args: argparse.Namespace) -> dict:
         np.savez(args.dump_logits, logits=result["logits"], index=result["index"])
     result.pop("logits", None)
     result.pop("index", None)
+    if args.skip_bad_images:
+        result["skipped_images"] = [str(b) for b in batches.skipped]
+    if jax.process_index() == 0 and batches.skipped and not args.json:
+        print(skipped_line(batches.skipped), flush=True)  # the full list is in --json
     if jax.process_index() == 0:
         if args.json:
             print(json.dumps(result), flush=True)

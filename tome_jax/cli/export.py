@@ -2,8 +2,10 @@
 
     python -m tome_jax.export --checkpoint DIR --r 16 --out model.jaxexport [--batch 8]
 
-Writes OUT and its sidecar OUT.json; prints the output path, input shape, r per block and the
-byte count as one JSON line. Bad input: one `error:` line, exit status 1.
+Writes OUT and its sidecar OUT.json (with the sha256 that `tome_jax.export.load_exported`
+checks); an existing OUT is refused unless --overwrite. Prints the output path, input shape,
+r per block and the byte count as one JSON line. Bad input, an existing OUT or a disk that
+cannot take it: one `error:` line, exit status 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tome_jax import export
 from tome_jax.checkpoint import load_model
@@ -24,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory (from tome_jax.convert or train.ship)")
     add_r(p, many=False, default="0")
     p.add_argument("--out", required=True, help="artefact path (sidecar: OUT.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batch", type=int, help="fixed batch size")
     g.add_argument("--symbolic-batch", action="store_true",
@@ -37,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export(args: argparse.Namespace) -> dict:
     """Loads the model at args.r, exports and saves it; returns the sidecar."""
+    if Path(args.out).exists() and not args.overwrite:  # before the slow part
+        raise export.ExportError(f"{args.out} exists; refusing to overwrite it (--overwrite "
+                                 "replaces it)")
     model, params, info = load_model(args.checkpoint, r=args.r)
     hw = (args.image_size, args.image_size) if args.image_size else info.image_size
     if args.batch is not None and args.batch < 1:
@@ -44,7 +51,8 @@ def _export(args: argparse.Namespace) -> dict:
     exported = export.export_model(model, params, (args.batch, *hw, model.channels),
                                    args.platforms.split(",") if args.platforms else None)
     return export.save_exported(args.out, exported,
-                                lambda data: export.describe(exported, model, hw, data))
+                                lambda data: export.describe(exported, model, hw, data),
+                                overwrite=args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

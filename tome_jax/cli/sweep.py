@@ -53,6 +53,9 @@ def build_parser(prog: str = "python -m eval.sweep", description: str | None = _
                    help="with --random-init: head size (default the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     add_data(p, required="data" not in defaults)
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out image files that do not decode (or differ from the folder's "
+                        "SHA256SUMS), count and list them; without it the first stops the run")
     p.add_argument("--eval-crop", type=float, default=None)
     p.add_argument("--image-size", type=int, default=None,
                    help="default: the checkpoint's, else 224")
@@ -84,9 +87,8 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
     """The CLI's work: loads data and weights, sweeps, writes OUT.{csv,md,png}; returns rows."""
     import jax
     import jax.numpy as jnp
-    import tensorflow_datasets as tfds
 
-    from tome_jax import data
+    from tome_jax import inputs
     from tome_jax.params import random_params
     from tome_jax.plots import plot
     from tome_jax.sweep import check_strategies, format_markdown, summary, sweep, write_csv
@@ -94,14 +96,14 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
     if args.batch_size < 1 or args.runs < 0 or args.warmup < 0:
         raise ValueError("--batch-size must be positive, --runs and --warmup non-negative")
     strategies = check_strategies(args.strategy)  # before any slow loading
-    tfds.display_progress_bar(False)
-    split = args.split or data.EVAL_SPLITS.get(args.data, "test")
+    split = inputs.eval_split(args.data, args.split)
     checkpoint = None if args.random_init else args.checkpoint
     model, params, image_size, normalization = load_weights(
         checkpoint, image_size=args.image_size, normalization=args.normalization)
-    batches = data.make_dataset(args.data, split, batch_size=args.batch_size,
+    batches = inputs.eval_input(args.data, split, batch_size=args.batch_size,
                                 image_size=image_size, normalization=normalization,
-                                data_dir=args.data_dir, eval_crop=args.eval_crop)
+                                data_dir=args.data_dir, eval_crop=args.eval_crop,
+                                skip_bad_images=args.skip_bad_images)
     if model is None:
         classes = args.num_classes if args.num_classes is not None else (batches.num_classes
                                                                          or 0)
@@ -130,6 +132,10 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
     header = (f"{title}; timed batch {args.time_batch or batches.batch_size}, median of "
               f"{args.runs} runs on {jax.device_count()} {device.platform} device(s) "
               f"({device.device_kind})")
+    if batches.skipped:
+        from tome_jax.image_files import skipped_line
+
+        header += f"; {skipped_line(batches.skipped)}"
     Path(f"{out}.md").write_text(f"{header}\n\n{format_markdown(rows)}\n")
     plot(rows, f"{out}.png", title)
     if jax.process_index() == 0:

@@ -61,7 +61,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
     resample "auto": "linear" for .npz (as vit_jax / big_vision resample), "bicubic" for
     PyTorch / ONNX sources (as MAE, DINOv2 and Hugging Face do). normalization: recorded in
     dst's config.json; default "augreg" for .npz, "imagenet" for PyTorch / ONNX sources.
-    Returns (params nested dict of numpy arrays, ViT config, image (H, W)).
+    Returns (params nested dict of numpy arrays, ViT config, image (H, W)). Raises
+    CheckpointError naming src (or dst, for an existing or unwritable destination).
     """
     fmt = detect_format(src)
     if resample == "auto":
@@ -69,8 +70,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *,
     normalization = normalization or NORMALIZATION[fmt]
     normalization_lib.check(normalization)  # before any work, not after it
     flat, config = read_checkpoint(src, num_heads=num_heads, pool=pool)
-    flat, config, image_hw = fit_params(flat, config, image_size=image_size, variant=variant,
-                                        num_classes=num_classes, resample=resample)
+    try:
+        flat, config, image_hw = fit_params(flat, config, image_size=image_size,
+                                            variant=variant, num_classes=num_classes,
+                                            resample=resample)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
     if dst is not None:
         checkpoint.save_model(dst, flat, config, image_size=image_hw,
                               normalization=normalization, source=str(src))

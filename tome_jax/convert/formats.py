@@ -31,8 +31,13 @@ def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes)")
     if head.startswith(b"PK"):
         try:
             with zipfile.ZipFile(path) as z:
@@ -56,9 +61,25 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def read_checkpoint(path: str | os.PathLike, *, num_heads: int | None = None,
                     pool: str | None = None) -> tuple[Flat, Config]:
-    """Any supported file -> (flat params in our naming, inferred ViT config)."""
+    """Any supported file -> (flat params in our naming, inferred ViT config).
+
+    Every CheckpointError names the file (the readers' own messages get it as a prefix).
+    """
     path = Path(path)
     fmt = detect_format(path)
+    try:
+        return _read(path, fmt, num_heads=num_heads, pool=pool)
+    except CheckpointError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+    except (KeyError, IndexError, ValueError) as e:  # a layout the readers did not foresee
+        raise CheckpointError(f"{path}: not a ViT checkpoint this converter understands "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def _read(path: Path, fmt: str, *, num_heads: int | None, pool: str | None
+          ) -> tuple[Flat, Config]:
     if fmt == "npz":
         try:
             with np.load(path, allow_pickle=False) as z:

@@ -48,7 +48,9 @@ def from_npz_arrays(arrays: Mapping[str, np.ndarray], *, pool: str | None = None
         slots = square_split(pos.shape[1], [int("cls" in out), 0])
         out["pos_embedding"] = fold_prefix_posemb(out, pos, slots)
     if "pos_embedding" not in out:
-        raise CheckpointError("no position embeddings in the .npz")
+        raise CheckpointError("no position embeddings in the .npz: neither "
+                              "'Transformer/posembed_input/pos_embedding' (AugReg) nor "
+                              "'pos_embedding' (big_vision) is there")
     if pool is None:
         pool = "tok" if "cls" in out else "gap"
     return out, base_config(out, None, pool)

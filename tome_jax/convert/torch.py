@@ -68,6 +68,9 @@ def from_timm_state_dict(sd: Mapping[str, Any], *, num_heads: int | None = None,
         elif m and m.group(2) in ("attn.qkv.weight", "attn.qkv.bias"):
             blk = f"Transformer/encoderblock_{m.group(1)}/MultiHeadDotProductAttention_0"
             kind = "kernel" if k.endswith("weight") else "bias"
+            if v.ndim not in (1, 2) or v.shape[0] % 3:
+                raise CheckpointError(f"{k} has shape {tuple(v.shape)}: a fused qkv tensor needs "
+                                      "rows that split into 3 equal parts (query, key, value)")
             for name, part in zip(("query", "key", "value"), np.split(v, 3, axis=0), strict=True):
                 flat[f"{blk}/{name}/{kind}"] = part.T if kind == "kernel" else part
         elif m and m.group(2) in _TIMM_BLOCK:
@@ -77,8 +80,9 @@ def from_timm_state_dict(sd: Mapping[str, Any], *, num_heads: int | None = None,
             unknown.append(k)
     if unknown:
         raise CheckpointError(f"unsupported keys in a timm-style state dict: {unknown[:5]}")
-    if "embedding/kernel" not in flat or "pos_embed" not in sd:
-        raise CheckpointError("not a ViT state dict: no patch_embed.proj.weight / pos_embed")
+    missing = [k for k in ("patch_embed.proj.weight", "pos_embed") if k not in sd]
+    if missing:
+        raise CheckpointError(f"not a ViT state dict: no {' / '.join(missing)}")
     # Checkpoints trained without qkv bias (qkv_bias=False): our attention always has one.
     for key in [k for k in flat if k.endswith("query/kernel")]:
         for name in ("query", "key", "value"):
