@@ -133,7 +133,7 @@ def _shipped_as_npz(path: Path) -> Path:
 def test_convert_to_a_full_tmpfs(tmp_path, tiny_tmpfs, capsys):
     src = _shipped_as_npz(tmp_path / "shipped.npz")
     dst = tiny_tmpfs / "m"
-    assert convert_main([str(src), str(dst)]) == 1
+    assert convert_main([str(src), str(dst)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert one_line(err) == f"error: cannot write {dst}: {ENOSPC} (nothing was written there)"
@@ -145,7 +145,7 @@ def test_convert_to_a_full_tmpfs(tmp_path, tiny_tmpfs, capsys):
 
 def test_convert_to_a_full_disk_injected(tmp_path, disk_full, capsys):
     src = _shipped_as_npz(tmp_path / "shipped.npz")
-    assert convert_main([str(src), str(tmp_path / "m")]) == 1
+    assert convert_main([str(src), str(tmp_path / "m")]) == 2
     assert one_line(capsys.readouterr().err) == (
         f"error: cannot write {tmp_path / 'm'}: {ENOSPC} (nothing was written there)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shipped.npz"]
@@ -233,7 +233,7 @@ def test_convert_errors_name_the_file(tmp_path, capsys):
             convert(src)
         assert str(e.value) == message
         dst = tmp_path / f"out_{src.stem}"
-        assert convert_main([str(src), str(dst)]) == 1
+        assert convert_main([str(src), str(dst)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and one_line(err) == f"error: {message}"
         assert not dst.exists()

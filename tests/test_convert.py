@@ -567,7 +567,7 @@ def test_cli_main_in_process(tmp_path, tiny_checkpoint, capsys):
     model, params, _ = load_model(dst)
     assert model.num_classes == 3 and params["pos_embedding"].shape == (1, 36, 64)
     capsys.readouterr()
-    assert convert_main([str(path), str(tmp_path / "bad"), "--variant", "B/16"]) == 1
+    assert convert_main([str(path), str(tmp_path / "bad"), "--variant", "B/16"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"error: {path}: shape mismatch")
     assert err.count("\n") == 1

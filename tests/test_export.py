@@ -174,19 +174,19 @@ def test_cli(tiny, tmp_path, capsys):
     assert reloaded.in_avals[0].shape == (3, 32, 32, 3)
     assert reloaded.out_avals[0].shape == (3, 10)
     other = tmp_path / "other.jaxexport"
-    assert cli.main(["--checkpoint", str(ckpt), "--out", str(other), "--batch", "0"]) == 1
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(other), "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
     assert cli.main(["--checkpoint", str(ckpt), "--out", str(other),
-                        "--image-size", "36"]) == 1
+                        "--image-size", "36"]) == 2
     assert "not divisible by the patch size" in capsys.readouterr().err
     assert cli.main(["--checkpoint", str(ckpt), "--out", str(other),
-                        "--image-size", "48"]) == 1
+                        "--image-size", "48"]) == 2
     assert "position embeddings cover 16 patches" in capsys.readouterr().err
     assert not other.exists()
     # An existing artefact is kept unless --overwrite.
     before = out.read_bytes()
     assert cli.main(["--checkpoint", str(ckpt), "--r", "0", "--out", str(out),
-                     "--batch", "3"]) == 1
+                     "--batch", "3"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {out} exists; refusing to overwrite it (--overwrite replaces it)\n"
     assert out.read_bytes() == before

@@ -209,12 +209,12 @@ def test_cli_end_to_end_and_bad_input(checkpoint, tiny, tmp_path, capsys):
     assert rows[0][0][1].shape == (4 * 64, 4 * 64, 3) and rows[0][1][1].shape[:2] == (256, 256)
     (tmp_path / "bad.jpg").write_text("nope")
     assert cli.main([str(tmp_path / "bad.jpg"), "--checkpoint", str(checkpoint),
-                     "--r", "4"]) == 1
+                     "--r", "4"]) == 2
     assert "cannot decode image" in capsys.readouterr().err
-    assert cli.main([str(src), "--checkpoint", str(tmp_path), "--r", "4"]) == 1
+    assert cli.main([str(src), "--checkpoint", str(tmp_path), "--r", "4"]) == 2
     assert "not a converted checkpoint" in capsys.readouterr().err
     assert cli.main([str(src), "--checkpoint", str(checkpoint), "--r", "4",
-                     "--image-size", "32"]) == 1
+                     "--image-size", "32"]) == 2
     assert "position embeddings cover 64 patches" in capsys.readouterr().err
 
 

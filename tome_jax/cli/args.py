@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +18,8 @@ from tome_jax.vit import ViT
 
 Params = Any
 
+# Set to 1 for a traceback instead of the one-line error of a user error.
+DEBUG_ENV = "TOME_JAX_DEBUG"
 R_HELP = "ToMe schedule: 8 | 8,-1 (r, inflect) | [8,8,4] (per layer)"
 
 
@@ -121,9 +125,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def run(parser: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], Any],
         argv: Sequence[str] | None = None) -> Any:
-    """Parses argv and returns fn(args); a user error exits 2 with one `error:` line."""
+    """Parses argv and returns fn(args); a user error exits 2 with one `PROG: error:` line.
+
+    Set TOME_JAX_DEBUG=1 to get the traceback instead.
+    """
     args = parser.parse_args(argv)
     try:
         return fn(args)
     except user_errors() as e:
-        parser.error(str(e))
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"{parser.prog}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

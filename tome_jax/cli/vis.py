@@ -3,7 +3,7 @@
     python -m tome_jax.vis photo.jpg --checkpoint DIR --r 8 --r 16 --out merges.png
 
 The image size and the input normalization are the model directory's (config.json) unless
---image-size / --normalization say otherwise. Bad input: one `error:` line, exit status 1.
+--image-size / --normalization say otherwise. Bad input: one `error:` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -65,6 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = _figure(args)
     except ValueError as e:  # VisError, CheckpointError, the model's shape / config checks
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(out)
     return 0
