@@ -98,7 +98,12 @@ def test_artefact_reloads_in_a_fresh_process_with_the_same_logits(tiny, artefact
     (artefacts / "flipped.jaxexport").write_bytes(data)
     (artefacts / "flipped.jaxexport.json").write_bytes(
         (artefacts / "sym.jaxexport.json").read_bytes())
-    unchecked = jax.export.deserialize(data).call(x3)
+    # What the check prevents: unchecked, damaged weights still run. Eight 0xFF bytes hold at
+    # least one whole float32 NaN, so the damage shows whatever byte the middle falls on (a
+    # 2-byte flip can land in a low mantissa byte and move the logits by only ~1e-6).
+    garbled = bytearray(data)
+    garbled[i:i + 8] = b"\xff" * 8
+    unchecked = jax.export.deserialize(garbled).call(x3)
     proc = subprocess.run([sys.executable, "-c", FRESH, str(artefacts)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -207,6 +207,9 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(folder, tmp_path):
     assert not (workdir / "final.npz").exists(), "the run finished before it was killed"
     resumed, _ = run(workdir, folder, f"steps={steps}", "save_every=1", *extra)
     assert_same(whole, resumed)
+    logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert logged == list(range(2, steps + 1, 2)), logged  # each step once, resumed or not
 
 
 def test_corrupt_latest_checkpoint_falls_back(folder, tmp_path):
@@ -215,12 +218,12 @@ def test_corrupt_latest_checkpoint_falls_back(folder, tmp_path):
     for f in latest.rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="step 4 could not be restored"):
+    with pytest.warns(UserWarning, match="checkpoints/4 is unusable: .*; skipped"):
         _, shipped = ship(tmp_path, tmp_path / "shipped")
     assert shipped == 2
     (tmp_path / "final.npz").unlink()
     _, out = run(tmp_path, folder, "steps=6", "save_every=2")
-    assert "checkpoint at step 4 could not be restored" in out
+    assert "checkpoints/4 is unusable" in out and "moved to" in out
     assert checkpoint_steps(tmp_path)[-1] == 6
 
 

@@ -105,6 +105,17 @@ def add_data(parser: argparse.ArgumentParser, *, split_help: str = "tfds split s
                              f"{DEFAULT_NORMALIZATION}")
 
 
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    """--skip-bad-images --eval-crop --image-size: how evaluation images are read."""
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out image files that do not decode (or differ from the "
+                             "folder's SHA256SUMS), count and list them; without it the first "
+                             "stops the run")
+    parser.add_argument("--eval-crop", type=float, default=None)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="default: the model directory's, else 224")
+
+
 def add_distributed(parser: argparse.ArgumentParser) -> None:
     """Multi-process flags, handed to `sharding.initialize_distributed`."""
     parser.add_argument("--coordinator", default=None,

@@ -22,6 +22,7 @@ from typing import Any
 from tome_jax.cli.args import (
     add_data,
     add_distributed,
+    add_image_options,
     add_r,
     load_weights,
     make_parser,
@@ -30,15 +31,12 @@ from tome_jax.cli.args import (
 from tome_jax.vit import ViT
 
 Params = Any
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m eval.evaluate", __doc__)
     add_data(p)
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out image files that do not decode (or differ from the folder's "
-                        "SHA256SUMS), count and list them; without it the first stops the run")
-    p.add_argument("--eval-crop", type=float, default=None)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="default: the model directory's, else 224")
+    add_image_options(p)
     p.add_argument("--batch-size", type=int, default=256, help="global batch")
     add_r(p, many=False, default=0)
     p.add_argument("--checkpoint", default=None,

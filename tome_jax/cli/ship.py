@@ -1,15 +1,20 @@
-"""Turns a training workdir's newest checkpoint into a model directory.
+"""Turns a training workdir's newest usable checkpoint into a model directory.
 
     python -m train.ship --workdir runs/cifar10 --out models/cifar10_vit
 
 Writes the layout of `tome_jax.checkpoint` (params.msgpack + config.json), which every
-eval/vis/export command and `init_from` read. Prints {"out", "step"} as JSON.
+eval/vis/export command and `init_from` read. Prints {"out", "step"} as JSON. Checkpoints are
+checked as training checks them; an unusable one is skipped with one warning line (nothing in
+the workdir is moved), and the libraries' logs go to WORKDIR/ship.log. Errors are one `error:`
+line: exit 2 for bad input or no usable checkpoint, exit 1 when a file could not be
+read or written (a full disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 from tome_jax.cli.args import make_parser, run
@@ -23,14 +28,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ship(args: argparse.Namespace) -> None:
-    from tome_jax.training.ship import ship
+    from pathlib import Path
 
-    out, step = ship(args.workdir, args.out)
+    from tome_jax.training.messages import library_logs, one_line_warnings
+    from tome_jax.training.ship import LOG_FILE, ship
+
+    with library_logs(Path(args.workdir) / LOG_FILE, args.whole_process), one_line_warnings():
+        try:
+            out, step = ship(args.workdir, args.out)
+        except OSError as err:
+            if isinstance(err, (FileNotFoundError, FileExistsError)) or not err.strerror:
+                raise
+            print(f"python -m train.ship: error: {err.strerror}: {err.filename or args.out}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
     print(json.dumps({"out": str(out), "step": step}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser(), _ship, argv)
+    parser = build_parser()
+    # Run as a command (argv None), the libraries' logs go to the log file until the process
+    # ends: orbax's threads may still report after the run returned. Called with argv (a
+    # program, a test), only while it runs.
+    parser.set_defaults(whole_process=argv is None)
+    run(parser, _ship, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tome_jax.cli.args import add_data, add_r, load_weights, make_parser, run
+from tome_jax.cli.args import (
+    add_data,
+    add_image_options,
+    add_r,
+    load_weights,
+    make_parser,
+    run,
+)
 from tome_jax.reduce import STRATEGIES
 from tome_jax.vit import ViT
 
@@ -53,12 +60,7 @@ def build_parser(prog: str = "python -m eval.sweep", description: str | None = _
                    help="with --random-init: head size (default the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     add_data(p, required="data" not in defaults)
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out image files that do not decode (or differ from the folder's "
-                        "SHA256SUMS), count and list them; without it the first stops the run")
-    p.add_argument("--eval-crop", type=float, default=None)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="default: the checkpoint's, else 224")
+    add_image_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="global batch")
     add_r(p, many=True, default=["0", "4", "8", "12", "16"])
     p.add_argument("--strategy", nargs="+", default=["tome"],

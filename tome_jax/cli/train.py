@@ -3,14 +3,18 @@
     python -m train.train --config train/configs/cifar10_vit.json --workdir runs/cifar10
     python -m train.train --config ... --workdir ... --set r=4 lr=3e-4 steps=2000
 
-Every field of `tome_jax.training.Config` can be set in the JSON file or with --set. Rerunning
-the same command resumes from the workdir's newest checkpoint; the result is the same as an
-uninterrupted run's.
+Every field of `tome_jax.training.Config` can be set in the JSON file or with --set (given
+several times, all apply; a later value of a key wins). Rerunning the same command resumes
+from the workdir's newest usable checkpoint; the result is the same as an uninterrupted run's.
+One trainer per workdir (WORKDIR/train.lock). Errors are one `error:` line: exit 2 for bad
+input, a locked workdir or no usable checkpoint; exit 1 when a checkpoint or file could not be
+written (a full disk). The libraries' logs go to WORKDIR/train.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from tome_jax import sharding
@@ -21,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("python -m train.train", __doc__)
     parser.add_argument("--config", help="JSON file of Config fields")
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config fields")
+    parser.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE",
+                        help="override config fields (may be repeated)")
+    parser.add_argument("--fresh-start", action="store_true",
+                        help="when the workdir's checkpoints are all unusable (they are moved "
+                             "aside), train from step 0 instead of refusing to start")
     add_distributed(parser)
     # One process unless told otherwise: --coordinator host:port alone is a 1-process cluster.
     parser.set_defaults(num_processes=1, process_id=0)
@@ -30,14 +37,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from tome_jax.training import load_config, train  # not needed by --help
+    from tome_jax.training import load_config  # not needed by --help
 
-    train(load_config(args.config, args.set), args.workdir)
+    cfg = load_config(args.config, args.set)  # bad input fails before any cluster set-up
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    from tome_jax.training import SaveError, train
+    from tome_jax.training.loop import log_path
+    from tome_jax.training.messages import library_logs, one_line_warnings
+
+    with library_logs(log_path(args.workdir), args.whole_process), one_line_warnings():
+        try:
+            train(cfg, args.workdir, fresh_start=args.fresh_start)
+        except (SaveError, OSError) as err:
+            if isinstance(err, (FileNotFoundError, FileExistsError)):
+                raise
+            print(f"python -m train.train: error: {_one_line(err)}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser(), _train, argv)
+    parser = build_parser()
+    # Run as a command (argv None), the libraries' logs go to the log file until the process
+    # ends: orbax's threads may still report after the run returned. Called with argv (a
+    # program, a test), only while it runs.
+    parser.set_defaults(whole_process=argv is None)
+    run(parser, _train, argv)
 
 
 if __name__ == "__main__":

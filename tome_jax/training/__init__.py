@@ -6,12 +6,16 @@
 
 config (Config, load_config), optim (schedule, AdamW), state (model, init, shardings),
 step (one train step), inputs (batches), checkpoints (orbax), metrics (logs, eval),
-loop (train), ship (workdir -> model directory), summary (a table of runs).
+loop (train), ship (workdir -> model directory), summary (a table of runs); lock (one trainer
+per workdir), manifest (checkpoint checksums), messages (library logs to a file), agree
+(decisions all processes share).
 """
 
-from tome_jax.training.checkpoints import SaveError
+from tome_jax.training.checkpoints import CheckpointsUnusable, SaveError
 from tome_jax.training.config import Config, load_config
+from tome_jax.training.lock import WorkdirLocked
 from tome_jax.training.loop import train
 from tome_jax.training.ship import ship
 
-__all__ = ["Config", "SaveError", "load_config", "ship", "train"]
+__all__ = ["CheckpointsUnusable", "Config", "SaveError", "WorkdirLocked", "load_config", "ship",
+           "train"]

@@ -77,26 +77,81 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str]) -> Config:
-    """Config from a JSON file plus "key=value" overrides; unknown keys are an error."""
+    """Config from a JSON file plus "key=value" overrides (later ones win).
+
+    ValueError, in one line naming the file or the override, for an unreadable file, one that
+    is not a UTF-8 JSON object, an unknown key or a value of the wrong type.
+    """
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if path:
-        values.update(json.loads(Path(path).read_text()))
+        for key, value in read_config_file(path).items():
+            values[key], origin[key] = value, f"{path}: {key}"
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ValueError(f"--set {item}: an override is key=value")
         key, value = item.split("=", 1)
-        values[key] = value
+        values[key], origin[key] = value, f"--set {item}: {key}"
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(fields)}")
-    typed = {}
-    for key, value in values.items():
-        kind = type(fields[key].default)
-        if isinstance(value, str) and kind is not str:
-            value = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        typed[key] = str(value) if kind is str else kind(value)
+    typed = {key: typed_value(value, type(fields[key].default), origin[key])
+             for key, value in values.items()}
     return Config(**typed)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a config file; ValueError naming the file for anything else."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} not found") from None
+    except OSError as err:
+        raise ValueError(f"config file {path} cannot be read: {err.strerror}") from None
+    try:
+        values = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start}); it "
+                         "should be a JSON object of Config fields") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {path} is not valid JSON: {err.msg} at line "
+                         f"{err.lineno} column {err.colno}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} holds a JSON {type(values).__name__}, not an "
+                         "object of Config fields")
+    return values
+
+
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def typed_value(value: Any, kind: type, origin: str) -> Any:
+    """`value` (text from --set, or a JSON value) as a field of type `kind`; ValueError
+    starting with `origin` ("--set steps=abc: steps") when it is not one."""
+    text = value.strip() if isinstance(value, str) else value
+    if kind is str:
+        return str(value)
+    if kind is bool:
+        if isinstance(text, bool):
+            return text
+        if isinstance(text, str) and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{origin} must be true or false, not {value!r}")
+    if isinstance(text, bool):  # JSON true is no number
+        raise ValueError(f"{origin} must be {_article(kind)}, not {value!r}")
+    try:
+        if kind is int:
+            if isinstance(text, float) and not text.is_integer():
+                raise ValueError
+            return int(text) if not isinstance(text, str) else int(text, 10)
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{origin} must be {_article(kind)}, not {value!r}") from None
+
+
+def _article(kind: type) -> str:
+    return {int: "an int", float: "a number"}.get(kind, kind.__name__)
 
 
 MODEL_FIELDS = ("variant", "width", "depth", "mlp_dim", "num_heads", "num_classes",

@@ -20,54 +20,115 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tome_jax import sharding
-from tome_jax.training.checkpoints import (
-    SaveError,
-    check_workdir,
-    make_manager,
-    restore_latest,
-    save,
-    wait_for_saves,
-)
+from tome_jax.training.agree import all_processes, any_process
+from tome_jax.training.checkpoints import Checkpoints, SaveError, check_workdir
 from tome_jax.training.config import Config
 from tome_jax.training.inputs import check_input_settings, make_train_batches
+from tome_jax.training.lock import WorkdirLock, WorkdirLocked
+from tome_jax.training.messages import library_logs_to, line_left_open
 from tome_jax.training.metrics import MetricLog, progress_bar, run_eval, summarise_window
 from tome_jax.training.optim import lr_schedule
 from tome_jax.training.state import abstract_train_state, init_state
 from tome_jax.training.step import make_train_step
 
+LOG_FILE = "train.log"  # orbax's and the other libraries' logs (process i > 0: train.<i>.log)
 
-def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> dict[str, Any]:
+
+def train(cfg: Config, workdir: str | Path, stop_after: int | None = None, *,
+          fresh_start: bool = False) -> dict[str, Any]:
     """Trains to cfg.steps (or stop_after steps from the start); returns the final state.
 
-    Resumes from the newest readable checkpoint in WORKDIR/checkpoints. SIGTERM finishes the
-    step, saves and returns. Raises SaveError (after training on) if the last save failed.
+    Holds WORKDIR/train.lock for the whole run (WorkdirLocked if another trainer has it).
+    Resumes from the newest usable checkpoint in WORKDIR/checkpoints; CheckpointsUnusable if
+    there are checkpoints and none is usable, unless fresh_start (then from step 0). SIGTERM
+    finishes the step, saves and returns (during set-up: exits at once, lock released).
+    Raises SaveError (after training on) if the last save failed.
     """
     workdir = Path(workdir)
     check_input_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    check_workdir(workdir, cfg)
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _exit_now)
+    lock = WorkdirLock(workdir)
+    try:
+        _lock(lock)
+        with library_logs_to(log_path(workdir)):
+            return _train(cfg, workdir, stop_after, fresh_start)
+    finally:
+        lock.release()
+        signal.signal(signal.SIGTERM, previous_handler)
 
+
+def log_path(workdir: str | Path) -> Path:
+    """Where this process's run sends the libraries' logs: WORKDIR/train.log (process 0) or
+    WORKDIR/train.<i>.log."""
+    i = jax.process_index()
+    return Path(workdir) / (LOG_FILE if i == 0 else f"train.{i}.log")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replaces `path` by `text` all at once; an OSError names `path` (a full disk)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    """SIGTERM before the loop: nothing to save yet; exits through the `finally` blocks."""
+    raise SystemExit(128 + signum)
+
+
+def _lock(lock: WorkdirLock) -> None:
+    """Process 0 takes the workdir's lock; every process stops if it could not."""
+    refusal = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except Exception as err:  # noqa: BLE001 - the others must not wait for process 0
+            refusal = err
+    if not all_processes(refusal is None):
+        raise refusal or WorkdirLocked(f"process 0 could not lock {lock.path.parent}")
+
+
+def _train(cfg: Config, workdir: Path, stop_after: int | None,
+           fresh_start: bool) -> dict[str, Any]:
+    check_workdir(workdir, cfg)
     mesh = sharding.batch_mesh()
     n_devices = mesh.devices.size
     if cfg.batch_size % n_devices:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {n_devices} "
                          "devices; training batches are not padded")
-    batches_from, eval_split = make_train_batches(cfg, mesh)
+    inputs = make_train_batches(cfg, mesh)  # reads and checks the data before any write
+    ckpts = Checkpoints(workdir, cfg.keep)
+    try:
+        state = _run(cfg, workdir, mesh, inputs, ckpts, stop_after, fresh_start)
+    finally:
+        closed = ckpts.close()  # never raises: an error of _run stays the one reported
+    if not closed:
+        raise save_error(ckpts, state)
+    return state
+
+
+def _run(cfg: Config, workdir: Path, mesh: Mesh, inputs: tuple[Any, Any], ckpts: Checkpoints,
+         stop_after: int | None, fresh_start: bool) -> dict[str, Any]:
+    """Restores or initialises the state, then trains, saves, logs and evaluates."""
+    batches_from, eval_split = inputs
     model, tx, abstract, state_sharding = abstract_train_state(cfg, mesh)
-    manager = make_manager(workdir, cfg.keep)
-    restored = restore_latest(manager, abstract)
+    restored = ckpts.restore(abstract, fresh_start=fresh_start)
     if restored is not None:
         state = restored[1]
     else:
         state = jax.jit(lambda: init_state(cfg, model, tx), out_shardings=state_sharding)()
     if jax.process_index() == 0:  # the config of the latest (re)start; the model part is fixed
-        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_atomically(workdir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     start = int(jax.device_get(state["step"]))
 
     batch_sh = sharding.batch_sharding(mesh)
@@ -78,13 +139,12 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
     batches = batches_from(start)
 
     stop = {"now": False}
-    previous_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):  # preemption: finish the step, save, exit cleanly
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    log = MetricLog(workdir)
+    log = MetricLog(workdir, start)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     progress = progress_bar(start, end)
     schedule = lr_schedule(cfg)  # for the log; the optimizer holds its own
@@ -103,7 +163,9 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                 progress(done, metrics)
                 window, t_window = [], time.perf_counter()
             if done % cfg.save_every == 0 or done == end or stopping:
-                saved = save(manager, state, cfg, force=stopping or done == end)
+                saved = ckpts.save(state, cfg, force=stopping or done == end)
+            else:
+                ckpts.poll()  # the manifest of a save that finished meanwhile
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 log.write(done, run_eval(cfg, model, state["params"], mesh, eval_split))
                 t_window = time.perf_counter()  # keep eval time out of the step time
@@ -112,17 +174,22 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None) -> di
                                 "" if stop["now"] else " (on another process)", done)
                 break
     finally:
-        saved = wait_for_saves(manager) and saved
-        manager.close()
+        saved = ckpts.wait() and saved
         log.close()
-        signal.signal(signal.SIGTERM, previous_handler)
         print(file=sys.stderr)
+        line_left_open(False)
     if not saved:
-        raise SaveError(
-            f"the checkpoint of step {int(jax.device_get(state['step']))} could not be written"
-            " (see the error above); the latest complete one is kept: free space and rerun the"
-            " same command to resume from it")
+        raise save_error(ckpts, state)
     return state
+
+
+def save_error(ckpts: Checkpoints, state: dict[str, Any]) -> SaveError:
+    """The run's last save failed: what, where, why, and what is kept, in one line."""
+    step, why = ckpts.failure or (None, "see the warning above")
+    step = int(jax.device_get(state["step"])) if step is None else step
+    return SaveError(f"the checkpoint of step {step} could not be written to "
+                     f"{ckpts.directory / str(step)}: {why}; {ckpts.kept()}: free space and "
+                     "rerun the same command to resume from it")
 
 
 def agree_to_stop(asked: bool) -> bool:
@@ -131,6 +198,4 @@ def agree_to_stop(asked: bool) -> bool:
     Preemption reaches the hosts of a pod at different moments; the save is a collective, so
     every process must stop after the same step. One tiny all-gather per step, multi-process only.
     """
-    if jax.process_count() == 1:
-        return asked
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(asked))))
+    return any_process(asked)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,24 @@ from jax.sharding import Mesh
 from tome_jax.evaluation import evaluate
 from tome_jax.training.config import Config
 from tome_jax.training.inputs import eval_batches
+from tome_jax.training.messages import line_left_open
 from tome_jax.vit import ViT
 
 
 class MetricLog:
-    """JSONL (always) and TensorBoard event files (process 0)."""
+    """JSONL (always) and TensorBoard event files (process 0).
 
-    def __init__(self, workdir: Path):
-        self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+    Opened at a resumed run's `start` step, it first drops the rows of steps after `start`
+    (logged by the interrupted run after its last checkpoint, and about to be logged again), so
+    every step has one row. A row cut short by a kill goes too.
+    """
+
+    def __init__(self, workdir: Path, start: int = 0):
+        path = workdir / "metrics.jsonl"
+        if jax.process_index() == 0 and path.exists():
+            drop_rows_after(path, start)
+        self.jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
+        self.write_failed = False
         self.tb = None
         if jax.process_index() == 0:
             import tensorboardX
@@ -36,19 +47,52 @@ class MetricLog:
             self.tb = tensorboardX.SummaryWriter(str(workdir / "tb"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Appends a row; a failed write (a full disk) is reported once and training goes on."""
         if jax.process_index() != 0:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        except OSError as err:
+            if not self.write_failed:
+                warnings.warn(f"{self.jsonl.name} could not be written ({err.strerror}) at "
+                              f"step {step}; training goes on", stacklevel=2)
+            self.write_failed = True
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, value, step)
             self.tb.flush()
 
     def close(self) -> None:
-        self.jsonl.close()
+        try:
+            self.jsonl.close()
+        except OSError:  # its last row did not fit; already reported by write()
+            pass
         if self.tb is not None:
             self.tb.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrites a metrics.jsonl (atomically) without rows after `step` or unreadable ones."""
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    except OSError as err:  # a full disk: the rows stay, the run goes on
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"{path}: the rows after step {step} could not be dropped "
+                      f"({err.strerror}); they will appear twice", stacklevel=3)
 
 
 def summarise_window(window: Sequence[dict[str, jax.Array]], started: float,
@@ -90,5 +134,6 @@ def progress_bar(start: int, end: int) -> Callable[[int, dict[str, float]], None
         print(f"\r[{bar:<30}] {step}/{end} loss {metrics['loss']:.3f} "
               f"acc {metrics['accuracy']:.3f} {metrics['images_per_s']:.0f} im/s "
               f"eta {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
+        line_left_open(True)
 
     return show

@@ -14,8 +14,9 @@ import numpy as np
 from tome_jax import sharding
 from tome_jax.checkpoint import save_model
 from tome_jax.params import flatten
-from tome_jax.training.checkpoints import make_manager, restore_latest
+from tome_jax.training.checkpoints import Checkpoints
 from tome_jax.training.config import Config, load_config
+from tome_jax.training.messages import library_logs_to
 from tome_jax.training.state import abstract_train_state, make_model
 
 
@@ -29,25 +30,31 @@ def model_config(cfg: Config) -> dict[str, Any]:
     return fields
 
 
-def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
-    """Writes `out` from the newest checkpoint of `workdir` that restores; returns (out, step).
+LOG_FILE = "ship.log"  # orbax's logs while reading the checkpoints
 
-    FileNotFoundError without a checkpoint, ValueError when none restores, FileExistsError
-    when `out` exists.
+
+def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
+    """Writes `out` from the newest usable checkpoint of `workdir`; returns (out, step).
+
+    Checkpoints are checked as training checks them (`Checkpoints.restore`), read-only: an
+    unusable one is skipped with one warning, nothing in the workdir is moved. FileNotFoundError
+    without a checkpoint, CheckpointsUnusable (a ValueError) when none is usable,
+    FileExistsError when `out` exists.
     """
     workdir = Path(workdir)
+    if not (workdir / "config.json").is_file():
+        raise FileNotFoundError(f"{workdir} is not a training workdir: it has no config.json")
     cfg = load_config(workdir / "config.json", [])
-    manager = make_manager(workdir, read_only=True)
-    if not manager.all_steps():
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    # Into this process's devices, whatever device count the run was trained on; newest first,
-    # a corrupt checkpoint is skipped as in training.
-    _, _, abstract, _ = abstract_train_state(cfg, sharding.batch_mesh())
-    restored = restore_latest(manager, abstract)
-    if restored is None:
-        raise ValueError(f"none of the checkpoints {manager.all_steps()} in "
-                         f"{manager.directory} could be restored")
-    step, state = restored
+    with library_logs_to(workdir / LOG_FILE):
+        ckpts = Checkpoints(workdir, read_only=True)
+        try:
+            if not ckpts.steps():
+                raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
+            # Into this process's devices, whatever device count the run was trained on.
+            _, _, abstract, _ = abstract_train_state(cfg, sharding.batch_mesh())
+            step, state = ckpts.restore(abstract)  # never None: CheckpointsUnusable instead
+        finally:
+            ckpts.close()
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(state["params"]).items()}
     source = f"train/train.py, {workdir.name} step {step} of {cfg.steps}"
     out = save_model(out, flat, model_config(cfg), image_size=(cfg.image_size,) * 2,
