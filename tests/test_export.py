@@ -200,12 +200,3 @@ def test_cli(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert out.read_bytes() != before
     assert export.load_exported(out).in_avals[0].shape == (3, 32, 32, 3)
-
-
-def test_module_entry_point():
-    """`python -m tome_jax.export` runs the command line."""
-    proc = subprocess.run([sys.executable, "-m", "tome_jax.export", "--help"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: python -m tome_jax.export") and "--checkpoint" in (
-        proc.stdout)

@@ -167,3 +167,14 @@ def test_wheel_holds_the_command_and_the_default_and_no_tensorflow(tmp_path):
             if line.startswith("Requires-Dist:") and "extra ==" not in line]
     assert core and not any("tensorflow" in line for line in core)
     assert "Project-URL: Repository, https://github.com/tome-jax/tome-jax" in meta
+
+
+@pytest.mark.parametrize("module, flag", [("tome_jax.vis", "--normalization"),
+                                          ("tome_jax.export", "--checkpoint")])
+def test_library_module_entry_points(module, flag):
+    """`python -m tome_jax.vis` / `tome_jax.export` run their command lines."""
+    proc = subprocess.run([sys.executable, "-m", module, "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: python -m {module}") and flag in proc.stdout
+

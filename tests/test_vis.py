@@ -1,7 +1,5 @@
 """Merge visualisation: groups from sources, mean-colour painting, the figure, bad input."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -242,12 +240,3 @@ def test_real_photo_loads():
         pytest.skip(f"no photos under {PHOTOS} (the shared ImageNet sample)")
     image, note = vis.load_image(files[0], 224)
     assert image.shape == (224, 224, 3) and note is None and image.std() > 10
-
-
-def test_module_entry_point():
-    """`python -m tome_jax.vis` runs the command line."""
-    proc = subprocess.run([sys.executable, "-m", "tome_jax.vis", "--help"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: python -m tome_jax.vis") and "--normalization" in (
-        proc.stdout)

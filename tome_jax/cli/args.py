@@ -127,6 +127,11 @@ def add_distributed(parser: argparse.ArgumentParser) -> None:
                         help="this process's index, 0 .. num-processes - 1")
 
 
+def one_line(message: str) -> str:
+    """A message as one line (a reader's or a library's text may carry line breaks)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input (reported in one line), not bugs."""
     from tome_jax.checkpoint import CheckpointError
@@ -146,6 +151,26 @@ def run(parser: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], Any]
     except user_errors() as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"{parser.prog}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{parser.prog}: error: {one_line(str(e))}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def run_logging_to_file(parser: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], Any],
+                        argv: Sequence[str] | None = None) -> Any:
+    """`run`, with args.whole_process telling fn how long to send the libraries' logs to a file.
+
+    Run as a command (argv None), until the process ends: orbax's threads may still report
+    after the work returned. Called with argv (a program, a test), only while fn runs.
+    """
+    parser.set_defaults(whole_process=argv is None)
+    return run(parser, fn, argv)
+
+
+def failure_line(err: BaseException, path: object = None) -> str:
+    """One line for a failed write or save: "No space left on device: PATH" for an OSError
+    (path when the error names no file), else the message's first line."""
+    if isinstance(err, OSError) and err.strerror:
+        where = err.filename or path
+        return f"{err.strerror}: {where}" if where else err.strerror
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from tome_jax.checkpoint import CheckpointError, read_info
-from tome_jax.cli.args import make_parser
+from tome_jax.cli.args import make_parser, one_line
 from tome_jax.convert import RESAMPLE_METHODS, convert
 from tome_jax.normalization import NORMALIZATIONS
 
@@ -39,11 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input normalization the weights expect, recorded in DST; unset: "
                         "augreg for .npz, imagenet for PyTorch / ONNX sources")
     return p
-
-
-def one_line(message: str) -> str:
-    """A message as one line (a reader's text may carry line breaks)."""
-    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

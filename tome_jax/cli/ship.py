@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from tome_jax.cli.args import make_parser, run
+from tome_jax.cli.args import failure_line, make_parser, run_logging_to_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ship(args: argparse.Namespace) -> None:
+def _ship(args: argparse.Namespace, prog: str) -> None:
     from pathlib import Path
 
     from tome_jax.training.messages import library_logs, one_line_warnings
@@ -39,19 +39,14 @@ def _ship(args: argparse.Namespace) -> None:
         except OSError as err:
             if isinstance(err, (FileNotFoundError, FileExistsError)) or not err.strerror:
                 raise
-            print(f"python -m train.ship: error: {err.strerror}: {err.filename or args.out}",
-                  file=sys.stderr)
+            print(f"{prog}: error: {failure_line(err, args.out)}", file=sys.stderr)
             raise SystemExit(1) from None
     print(json.dumps({"out": str(out), "step": step}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    # Run as a command (argv None), the libraries' logs go to the log file until the process
-    # ends: orbax's threads may still report after the run returned. Called with argv (a
-    # program, a test), only while it runs.
-    parser.set_defaults(whole_process=argv is None)
-    run(parser, _ship, argv)
+    run_logging_to_file(parser, lambda args: _ship(args, parser.prog), argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from tome_jax import sharding
-from tome_jax.cli.args import add_distributed, make_parser, run
+from tome_jax.cli.args import add_distributed, failure_line, make_parser, run_logging_to_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace, prog: str) -> None:
     from tome_jax.training import load_config  # not needed by --help
 
     cfg = load_config(args.config, args.set)  # bad input fails before any cluster set-up
@@ -51,23 +51,13 @@ def _train(args: argparse.Namespace) -> None:
         except (SaveError, OSError) as err:
             if isinstance(err, (FileNotFoundError, FileExistsError)):
                 raise
-            print(f"python -m train.train: error: {_one_line(err)}", file=sys.stderr)
+            print(f"{prog}: error: {failure_line(err)}", file=sys.stderr)
             raise SystemExit(1) from None
-
-
-def _one_line(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    # Run as a command (argv None), the libraries' logs go to the log file until the process
-    # ends: orbax's threads may still report after the run returned. Called with argv (a
-    # program, a test), only while it runs.
-    parser.set_defaults(whole_process=argv is None)
-    run(parser, _train, argv)
+    run_logging_to_file(parser, lambda args: _train(args, parser.prog), argv)
 
 
 if __name__ == "__main__":
