@@ -25,6 +25,15 @@ class Config:
     num_classes: int = 10
     image_size: int = 32
     pool: str = "tok"
+    # Token layout and block details of pretrained backbones (DINOv2: layerscale_init=1.0,
+    # registers; DeiT distilled: distill_token). They must match an init_from directory's.
+    class_token: bool = True
+    distill_token: bool = False
+    num_registers: int = 0
+    layerscale_init: float = 0.0  # 0 = no LayerScale
+    representation_size: int = 0  # 0 = no pre-logits layer
+    approximate_gelu: bool = False
+    prop_attn: bool = True  # ToMe's proportional attention (+ log s)
     r: str = "0"  # ToMe schedule: "8", "16,-1" or "[8,8,4]"
     dropout: float = 0.0
     drop_path: float = 0.1

@@ -18,6 +18,7 @@ from tome_jax.training.checkpoints import Checkpoints
 from tome_jax.training.config import Config, load_config
 from tome_jax.training.messages import library_logs_to
 from tome_jax.training.state import abstract_train_state, make_model
+from tome_jax.vit import ViT
 
 
 def model_config(cfg: Config) -> dict[str, Any]:
@@ -26,6 +27,13 @@ def model_config(cfg: Config) -> dict[str, Any]:
     fields = dict(variant=model.variant, num_classes=model.num_classes, pool=model.pool)
     for name in ("width", "depth", "mlp_dim", "num_heads", "dtem_dim"):
         if getattr(model, name):
+            fields[name] = getattr(model, name)
+    # The token layout and block details only where they differ from a plain ViT's, so the
+    # config.json of the models shipped so far stays as it was.
+    plain = ViT()
+    for name in ("class_token", "distill_token", "num_registers", "layerscale_init",
+                 "representation_size", "approximate_gelu"):
+        if getattr(model, name) != getattr(plain, name):
             fields[name] = getattr(model, name)
     return fields
 

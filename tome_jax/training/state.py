@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -32,7 +33,12 @@ def make_model(cfg: Config, **overrides: Any) -> ViT:
                   dtype=jnp.dtype(cfg.dtype), width=cfg.width or None, depth=cfg.depth or None,
                   mlp_dim=cfg.mlp_dim or None, num_heads=cfg.num_heads or None,
                   dtem_dim=cfg.dtem_dim or None, soft_merge=cfg.soft_merge,
-                  dtem_tau1=cfg.dtem_tau1, dtem_tau2=cfg.dtem_tau2, dtem_k=cfg.dtem_k)
+                  dtem_tau1=cfg.dtem_tau1, dtem_tau2=cfg.dtem_tau2, dtem_k=cfg.dtem_k,
+                  class_token=cfg.class_token, distill_token=cfg.distill_token,
+                  num_registers=cfg.num_registers,
+                  layerscale_init=cfg.layerscale_init or None,
+                  representation_size=cfg.representation_size or None,
+                  approximate_gelu=cfg.approximate_gelu, prop_attn=cfg.prop_attn)
     kwargs.update(overrides)
     return ViT(**kwargs)
 
@@ -58,8 +64,9 @@ def overlay_params(params: Any, path: str) -> Any:
     """params with every tensor of the model directory `path` put in place.
 
     Parameters the directory lacks keep their initial values: that is how a DTEM embedding
-    starts fresh beside a pretrained backbone. Shapes must match, so the result has the shapes
-    of `params`.
+    starts fresh beside a pretrained backbone, or a new head beside a headless one. Position
+    embeddings of another patch grid are resampled (bicubic, as DINOv2, MAE and timm do), so a
+    backbone pretrained at 224 px fine-tunes at 168 px; every other shape must match.
     """
     from tome_jax.checkpoint import load_model
 
@@ -68,11 +75,28 @@ def overlay_params(params: Any, path: str) -> Any:
     for key, value in flatten(loaded).items():
         if key not in flat:
             raise ValueError(f"init_from {path}: {key!r} is not a parameter of this model")
+        if key == "pos_embedding" and value.shape != flat[key].shape:
+            value = _resampled_posemb(np.asarray(value), tuple(flat[key].shape), path)
         if tuple(flat[key].shape) != tuple(value.shape):
             raise ValueError(f"init_from {path}: {key!r} has shape {tuple(value.shape)}, the "
                              f"model {tuple(flat[key].shape)}")
         flat[key] = jnp.asarray(value)
     return unflatten(flat)
+
+
+def _resampled_posemb(posemb: np.ndarray, shape: tuple[int, ...], path: str) -> np.ndarray:
+    """[1, N, D] patch position embeddings on the square grid of `shape` [1, n, D]."""
+    from tome_jax.checkpoint import CheckpointError
+    from tome_jax.convert.resample import resample_posemb
+
+    side = math.isqrt(shape[1])
+    if side * side != shape[1] or posemb.shape[2] != shape[2]:
+        raise ValueError(f"init_from {path}: 'pos_embedding' has shape {posemb.shape}, the "
+                         f"model {shape}; only square patch grids are resampled")
+    try:
+        return resample_posemb(posemb, (side, side))
+    except CheckpointError as e:
+        raise ValueError(f"init_from {path}: {e}") from None
 
 
 def _state(params: Any, tx: optax.GradientTransformation) -> State:
