@@ -11,6 +11,8 @@ object) is refused instead of loaded with wrong weights; a directory written bef
 existed has nothing to verify and loads as before.
 
 Written by `python -m tome_jax.convert` and `python -m train.ship`; read by every command.
+DIR may be an object-store URL (gs://bucket/model, through `etils.epath`); there config.json is
+written last, so a directory without it is incomplete and is not loaded.
 
     save_model(dst, params, {"variant": "S/16", "num_classes": 10}, image_size=224,
                normalization="augreg")
@@ -34,6 +36,7 @@ import numpy as np
 
 from tome_jax import normalization as norm
 from tome_jax.params import abstract_params, flatten, unflatten
+from tome_jax.storage import AnyPath, as_path, is_remote
 
 if TYPE_CHECKING:
     from tome_jax.vit import ViT
@@ -86,7 +89,7 @@ def _write_synced(file: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_error(path: Path, error: OSError) -> WriteError:
+def write_error(path: AnyPath, error: OSError) -> WriteError:
     """One line naming path and the system's reason ("No space left on device")."""
     reason = error.strerror or str(error)
     err = WriteError(f"cannot write {path}: {reason} (nothing was written there)")
@@ -117,7 +120,7 @@ def _image_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 def save_model(dst: str | os.PathLike, params: Mapping[str, Any], config: dict[str, Any], *,
                image_size: int | tuple[int, int], normalization: str,
-               source: str = "") -> Path:
+               source: str = "") -> AnyPath:
     """Writes DST/{params.msgpack, config.json} atomically: DST appears only when complete.
 
     params: a nested tree or a flat {"a/b/c": array} dict (saved as float32). config.json
@@ -130,11 +133,16 @@ def save_model(dst: str | os.PathLike, params: Mapping[str, Any], config: dict[s
 
     norm.check(normalization)
     image_hw = _image_hw(image_size)
-    dst = Path(dst)
-    if dst.exists() or dst.is_symlink():
+    dst = as_path(dst)
+    if dst.exists() or (not is_remote(dst) and dst.is_symlink()):
         raise DestinationExistsError(f"{dst} exists; refusing to overwrite")
     tree = unflatten({k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
     data = serialization.msgpack_serialize(tree)
+    meta = {"model": config, "image_size": list(image_hw), "normalization": normalization,
+            "source": source, "format": FORMAT, CHECKSUMS: checksums(data, config)}
+    if is_remote(dst):
+        _save_remote(dst, data, json.dumps(meta, indent=2).encode())
+        return dst
     tmp = None
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -143,8 +151,6 @@ def save_model(dst: str | os.PathLike, params: Mapping[str, Any], config: dict[s
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like mkdir's
         _write_synced(tmp / PARAMS_FILE, data)
-        meta = {"model": config, "image_size": list(image_hw), "normalization": normalization,
-                "source": source, "format": FORMAT, CHECKSUMS: checksums(data, config)}
         _write_synced(tmp / CONFIG_FILE, json.dumps(meta, indent=2).encode())
         os.replace(tmp, dst)  # atomic on one filesystem
     except BaseException as e:
@@ -158,13 +164,31 @@ def save_model(dst: str | os.PathLike, params: Mapping[str, Any], config: dict[s
     return dst
 
 
+def _save_remote(dst: AnyPath, params_data: bytes, config_data: bytes) -> None:
+    """save_model on an object store, which has no atomic rename of a folder: each object
+    appears whole when written, and config.json, written last, marks DST complete (load_model
+    and is_model_dir want both files). On failure the objects written are removed."""
+    written = []
+    try:
+        for name, content in ((PARAMS_FILE, params_data), (CONFIG_FILE, config_data)):
+            written.append(dst / name)
+            written[-1].write_bytes(content)
+    except OSError as e:
+        for obj in written:
+            try:
+                obj.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise write_error(dst, e) from e
+
+
 def is_model_dir(path: str | os.PathLike) -> bool:
     """True when path holds both config.json and params.msgpack (contents not checked)."""
-    path = Path(path)
+    path = as_path(path)
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_FILE).is_file()
 
 
-def _require_files(path: Path, names: tuple[str, ...]) -> None:
+def _require_files(path: AnyPath, names: tuple[str, ...]) -> None:
     for name in names:
         if not (path / name).is_file():
             raise CheckpointError(f"{path} is not a converted checkpoint: {path / name} is "
@@ -172,7 +196,7 @@ def _require_files(path: Path, names: tuple[str, ...]) -> None:
                                   " or `python -m train.ship`)")
 
 
-def _parse_info(path: Path, meta: Any) -> ModelInfo:
+def _parse_info(path: AnyPath, meta: Any) -> ModelInfo:
     """config.json's parsed JSON -> ModelInfo; CheckpointError naming the file if malformed."""
     file = path / CONFIG_FILE
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
@@ -196,7 +220,7 @@ def _parse_info(path: Path, meta: Any) -> ModelInfo:
                      source=str(meta.get("source", "")))
 
 
-def _recorded(file: Path, meta: dict[str, Any]) -> dict[str, str]:
+def _recorded(file: AnyPath, meta: dict[str, Any]) -> dict[str, str]:
     """config.json's digests ({} for a directory written before they existed)."""
     sums = meta.get(CHECKSUMS, {})
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
@@ -204,7 +228,7 @@ def _recorded(file: Path, meta: dict[str, Any]) -> dict[str, str]:
     return sums
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_meta(path: AnyPath) -> dict[str, Any]:
     """config.json parsed; CheckpointError naming it when unreadable."""
     try:
         return json.loads((path / CONFIG_FILE).read_text())
@@ -215,12 +239,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def read_info(path: str | os.PathLike) -> ModelInfo:
     """DIR/config.json -> ModelInfo, without reading the params (the "model" digest is checked)."""
-    path = Path(path)
+    path = as_path(path)
     _require_files(path, (CONFIG_FILE,))
     return _parse_info(path, _read_meta(path))
 
 
-def _read_params(file: Path, expected: str | None) -> dict[str, np.ndarray]:
+def _read_params(file: AnyPath, expected: str | None) -> dict[str, np.ndarray]:
     """params.msgpack -> flat arrays; CheckpointError naming the file when its sha256 is not
     `expected` (None: nothing recorded to check) or its bytes do not parse."""
     from flax import serialization
@@ -240,7 +264,7 @@ def _read_params(file: Path, expected: str | None) -> dict[str, np.ndarray]:
                               f"({type(e).__name__}: {e})") from None
 
 
-def _check_fit(path: Path, flat: dict[str, np.ndarray], model: ViT,
+def _check_fit(path: AnyPath, flat: dict[str, np.ndarray], model: ViT,
                image_hw: tuple[int, int]) -> None:
     """CheckpointError listing missing, unexpected and mis-shaped tensors, if any."""
     try:
@@ -271,7 +295,7 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> tuple[ViT, Any, Mod
 
     from tome_jax.vit import ViT
 
-    path = Path(path)
+    path = as_path(path)
     _require_files(path, (CONFIG_FILE, PARAMS_FILE))
     meta = _read_meta(path)
     info = _parse_info(path, meta)

@@ -11,7 +11,7 @@ constants, so serving needs only JAX (no tome_jax, no flax):
 Beside it, `model.jaxexport.json` records the input shape ("b" for a symbolic batch) and dtype,
 the r schedule (requested and per block), the model config, the byte count and sha256 of the
 artefact and the JAX version that wrote it. Serving without tome_jax: docs/export.md shows the
-same check in a few lines of hashlib.
+same check in a few lines of hashlib. Either path may be an object-store URL (gs://...).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from tome_jax.storage import AnyPath, as_path, is_remote
 
 FORMAT = "tome_jax.export/1"
 SIDECAR_SUFFIX = ".json"
@@ -97,9 +99,9 @@ def describe(exported: jax.export.Exported, model: Any, image_size: tuple[int, i
     }
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
+def sidecar_path(path: str | os.PathLike) -> AnyPath:
     """model.jaxexport -> model.jaxexport.json"""
-    path = Path(path)
+    path = as_path(path)
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
@@ -113,7 +115,7 @@ def save_exported(path: str | os.PathLike, exported: jax.export.Exported,
     names. Raises ExportError when path exists and not `overwrite`, and ExportError naming path
     and the reason ("No space left on device") when it cannot be written.
     """
-    path = Path(path)
+    path = as_path(path)
     if path.exists() and not overwrite:
         raise ExportError(f"{path} exists; refusing to overwrite it (overwrite=True, or "
                           "--overwrite on the command line, replaces it)")
@@ -122,6 +124,9 @@ def save_exported(path: str | os.PathLike, exported: jax.export.Exported,
                                           "sha256": hashlib.sha256(data).hexdigest(),
                                           "jax_version": jax.__version__}
     side = sidecar_path(path)
+    if is_remote(path):
+        _save_remote(path, side, data, json.dumps(meta, indent=2).encode())
+        return meta
     temps: list[Path] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +150,16 @@ def save_exported(path: str | os.PathLike, exported: jax.export.Exported,
     return meta
 
 
+def _save_remote(path: AnyPath, side: AnyPath, data: bytes, side_data: bytes) -> None:
+    """save_exported on an object store: each object appears whole once written; the artefact
+    first, so a failure in between leaves an old sidecar that no longer matches it."""
+    try:
+        path.write_bytes(data)
+        side.write_bytes(side_data)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def load_exported(path: str | os.PathLike, *, verify: bool = True) -> jax.export.Exported:
     """Reads an artefact back after checking its bytes against the sidecar's size and sha256.
 
@@ -152,7 +167,7 @@ def load_exported(path: str | os.PathLike, *, verify: bool = True) -> jax.export
     mismatch) or not deserializable, and when `verify` and there is no sidecar with a sha256
     to check against (verify=False loads such a file unchecked).
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise ExportError(f"no exported model at {path}")
     data = path.read_bytes()

@@ -1,11 +1,17 @@
-"""Result tables: one Markdown writer and CSV round trips for every command that prints rows."""
+"""Result tables: one Markdown writer and CSV round trips for every command that prints rows.
+
+A CSV path may be an object-store URL (gs://bucket/sweep.csv, through `etils.epath`).
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tome_jax.storage import as_path, is_remote
 
 Row = dict[str, Any]
 
@@ -23,11 +29,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path,
               columns: Sequence[str]) -> None:
     """One line per row, `columns` in order; a missing or None value is an empty cell."""
+    if is_remote(path):  # an object is written whole: the text is built first
+        buffer = io.StringIO(newline="")
+        _write_rows(buffer, rows, columns)
+        as_path(path).write_bytes(buffer.getvalue().encode())
+        return
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for row in rows:
-            w.writerow(["" if row.get(c) is None else row[c] for c in columns])
+        _write_rows(f, rows, columns)
+
+
+def _write_rows(f: Any, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    w = csv.writer(f)
+    w.writerow(columns)
+    for row in rows:
+        w.writerow(["" if row.get(c) is None else row[c] for c in columns])
 
 
 def read_csv(path: str | Path, *, text: Sequence[str] = (), ints: Sequence[str] = ()
@@ -36,8 +51,12 @@ def read_csv(path: str | Path, *, text: Sequence[str] = (), ints: Sequence[str] 
 
     Empty cells become None, so an unmeasured value survives the round trip.
     """
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    if is_remote(path):
+        data = as_path(path).read_bytes().decode()
+        rows = list(csv.DictReader(io.StringIO(data, newline="")))
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
     for row in rows:
         for key, value in row.items():
             if key in text:

@@ -22,6 +22,12 @@ never the newest one that has.
 
 In multi-process runs process 0 checks, moves and writes manifests; every process restores,
 and they agree on the outcome before going on.
+
+Object stores (a gs:// workdir, through `etils.epath`). Orbax writes a step there in place and
+marks it complete with a commit file (COMMIT_FILE) instead of renaming a temporary folder; a
+step folder without it is unfinished (orbax removes it on the next start). Rotation deletes
+that marker first, so a delete cut short leaves an unfinished folder, never a half step that
+looks complete. Moving a folder aside is a copy and a delete there.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,6 +47,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from tome_jax import sharding
+from tome_jax.storage import AnyPath, as_path, copy_tree, is_remote, remove_tree
 from tome_jax.training.agree import all_processes, from_process_0
 from tome_jax.training.config import Config, model_fingerprint
 from tome_jax.training.manifest import (
@@ -56,6 +62,7 @@ CHECKPOINT_ITEMS = ("state", "meta")  # the train state; its step and model fing
 CORRUPT_DIR = "corrupt_checkpoints"
 _REASON_CHARS = 200
 _DELETING = ".deleting"
+COMMIT_FILE = "commit_success.txt"  # orbax's mark of a finished step on an object store
 
 
 class SaveError(RuntimeError):
@@ -66,7 +73,7 @@ class CheckpointsUnusable(ValueError):
     """The workdir holds checkpoints, and none of them is usable."""
 
 
-def check_workdir(workdir: Path, cfg: Config) -> None:
+def check_workdir(workdir: AnyPath, cfg: Config) -> None:
     """Refuses a workdir whose run trained another model (nothing there is overwritten)."""
     meta = workdir / "config.json"
     if meta.exists():
@@ -127,7 +134,8 @@ class Checkpoints:
     """WORKDIR/checkpoints: async orbax saves with manifests, verified restores, set-aside."""
 
     def __init__(self, workdir: str | Path, keep: int = 0, *, read_only: bool = False):
-        self.workdir = Path(workdir).resolve()
+        workdir = as_path(workdir)
+        self.workdir = workdir if is_remote(workdir) else workdir.resolve()
         self.directory = self.workdir / "checkpoints"
         self.keep = keep
         self.read_only = read_only
@@ -144,18 +152,20 @@ class Checkpoints:
                                              item_names=CHECKPOINT_ITEMS)
         if self.primary and not read_only:  # a rotation killed mid-delete
             for doomed in self.directory.glob(f"*{_DELETING}"):
-                shutil.rmtree(doomed, ignore_errors=True)
+                remove_tree(doomed)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> AnyPath:
         return self.directory / str(step)
 
     def latest_complete(self) -> int | None:
         """The newest step whose folder orbax finished (on disk now)."""
         done = [int(p.name) for p in self.directory.glob("*") if p.name.isdigit()] \
             if self.directory.is_dir() else []
+        if is_remote(self.directory):  # written in place there: finished once committed
+            done = [s for s in done if (self.step_dir(s) / COMMIT_FILE).exists()]
         return max(done, default=None)
 
     # Restoring.
@@ -235,7 +245,12 @@ class Checkpoints:
             n = 1
             while dest.exists():  # the same step set aside twice within a second
                 dest, n = dest.with_name(f"{step}-{stamp}-{n}"), n + 1
-            step_dir.rename(dest)
+            if is_remote(step_dir):  # copied, unmarked (orbax forgets it), then deleted
+                copy_tree(step_dir, dest)
+                (step_dir / COMMIT_FILE).unlink(missing_ok=True)
+                remove_tree(step_dir)
+            else:
+                step_dir.rename(dest)
             warnings.warn(f"checkpoint {step_dir} is unusable: {problem}; moved to {dest}",
                           stacklevel=4)
         return problem
@@ -317,17 +332,22 @@ class Checkpoints:
         steps = [int(p.name) for p in self.directory.glob("*") if p.name.isdigit()]
         good = [s for s in steps if has_manifest(self.step_dir(s))]
         for step in steps_to_delete(steps, good, self.keep):
+            if is_remote(self.directory):
+                # A rename copies every object there; unmarking it does the same job.
+                (self.step_dir(step) / COMMIT_FILE).unlink(missing_ok=True)
+                remove_tree(self.step_dir(step))
+                continue
             # Renamed first (orbax ignores the name), so a kill mid-delete leaves no half step.
             doomed = self.directory / f"{step}{_DELETING}"
             self.step_dir(step).rename(doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            remove_tree(doomed)
 
     def _failed(self, step: int | None, why: str) -> None:
         """Records and reports a failed save; frees its half-written folder."""
         self.failure = (step, why)
         if self.primary:  # free the half-written folder so the next save has room
             for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
             what = f"step {step} to {self.step_dir(step)}" if step is not None else \
                 str(self.directory)
             warnings.warn(f"saving a checkpoint failed: {what}: {why}; {self.kept()}",

@@ -8,6 +8,13 @@ kernel frees it when the holder dies however it dies. A lock file left behind wh
 longer runs on this host is stale: it is taken over with one warning. A holder on another host
 cannot be checked from here; such a lock is refused, with the file to delete if that run is
 gone.
+
+On an object store (a gs:// workdir) there is neither flock nor an exclusive create: the lock
+is an object holding the record and a random token, written and then read back, and the run
+holds it when it reads back its own token. That is best-effort: two trainers starting within
+the same moment can both read back their own record. A lock object whose holder died without
+releasing it stays until a trainer on the same host finds its pid gone, or until it is deleted
+by hand (the refusal names it).
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ import fcntl
 import json
 import os
 import socket
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+
+from tome_jax.storage import as_path, is_remote
 
 LOCK_FILE = "train.lock"
 
@@ -62,11 +72,15 @@ class WorkdirLock:
     """The lock of one workdir; `acquire()` / `release()` or a `with` block."""
 
     def __init__(self, workdir: str | Path):
-        self.path = Path(workdir) / LOCK_FILE
+        self.path = as_path(workdir) / LOCK_FILE
         self._fd: int | None = None
+        self._token: str | None = None  # the record held on an object store
 
     def acquire(self) -> None:
         """Takes the lock, or raises WorkdirLocked naming the holder."""
+        if is_remote(self.path):
+            self._acquire_object()
+            return
         for _ in range(10):  # retried only when a releasing holder removed the file meanwhile
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -104,11 +118,32 @@ class WorkdirLock:
                                     f"{self.path}")
             warnings.warn(f"{self.path}: the previous holder, {describe(holder)}, no longer "
                           "runs; taking the lock over", stacklevel=4)
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(_me()) + "\n").encode(), 0)
         os.fsync(fd)
+
+    def _acquire_object(self) -> None:
+        """The object-store lock: write the record, read it back (see the module doc)."""
+        holder = self._read_object()
+        if holder is not None or self.path.exists():
+            if not holder_is_gone(holder):
+                raise WorkdirLocked(self._refusal(holder) + f"; if that run is gone, delete "
+                                    f"{self.path}")
+            warnings.warn(f"{self.path}: the previous holder, {describe(holder)}, no longer "
+                          "runs; taking the lock over", stacklevel=3)
+        token = uuid.uuid4().hex
+        self.path.write_text(json.dumps({**_me(), "token": token}) + "\n")
+        holder = self._read_object()
+        if holder is None or holder.get("token") != token:  # another trainer wrote after us
+            raise WorkdirLocked(self._refusal(holder))
+        self._token = token
+
+    def _read_object(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_bytes().decode())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
 
     def _refusal(self, holder: dict[str, Any] | None) -> str:
         return (f"workdir {self.path.parent} is in use by another trainer: "
@@ -116,6 +151,12 @@ class WorkdirLock:
 
     def release(self) -> None:
         """Removes the lock file and frees the lock (a no-op when not held)."""
+        if self._token is not None:
+            try:  # removed only while it still holds this run's record
+                if (self._read_object() or {}).get("token") == self._token:
+                    self.path.unlink(missing_ok=True)
+            finally:
+                self._token = None
         if self._fd is None:
             return
         try:
@@ -131,6 +172,12 @@ class WorkdirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _me() -> dict[str, Any]:
+    """This process's holder record."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _read(fd: int) -> dict[str, Any] | None:

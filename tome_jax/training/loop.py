@@ -6,6 +6,11 @@ The run is a pure function of (config, step): batches come from a seeded stream 
 at any batch, and the dropout/mixup key of step s is fold_in(seed + 1, s), so a run killed at any
 point and restarted from its last checkpoint ends with the same parameters as one that was
 never interrupted.
+
+The workdir may be an object-store URL (gs://bucket/run, through `etils.epath`): checkpoints,
+manifests, config.json, metrics.jsonl, TensorBoard events and the lock go there. The libraries'
+log is a local file while the run lasts (a logging.FileHandler cannot write to an object
+store; `log_path`), copied into the workdir when the run ends.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tome_jax import sharding
+from tome_jax.storage import AnyPath, as_path, is_remote, local_log_dir
 from tome_jax.training.agree import all_processes, any_process
 from tome_jax.training.checkpoints import Checkpoints, SaveError, check_workdir
 from tome_jax.training.config import Config
@@ -48,7 +54,7 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None, *,
     finishes the step, saves and returns (during set-up: exits at once, lock released).
     Raises SaveError (after training on) if the last save failed.
     """
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     check_input_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     previous_handler = signal.getsignal(signal.SIGTERM)
@@ -56,8 +62,15 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None, *,
     lock = WorkdirLock(workdir)
     try:
         _lock(lock)
-        with library_logs_to(log_path(workdir)):
-            return _train(cfg, workdir, stop_after, fresh_start)
+        log = log_path(workdir)
+        if is_remote(workdir):
+            log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with library_logs_to(log):
+                return _train(cfg, workdir, stop_after, fresh_start)
+        finally:
+            if is_remote(workdir):
+                upload_log(log, workdir / log.name)
     finally:
         lock.release()
         signal.signal(signal.SIGTERM, previous_handler)
@@ -65,13 +78,33 @@ def train(cfg: Config, workdir: str | Path, stop_after: int | None = None, *,
 
 def log_path(workdir: str | Path) -> Path:
     """Where this process's run sends the libraries' logs: WORKDIR/train.log (process 0) or
-    WORKDIR/train.<i>.log."""
+    WORKDIR/train.<i>.log; for an object-store workdir, the same names in a local folder
+    (`storage.local_log_dir`: TMPDIR/tome_jax/gs/BUCKET/PATH), copied there at the end."""
     i = jax.process_index()
-    return Path(workdir) / (LOG_FILE if i == 0 else f"train.{i}.log")
+    name = LOG_FILE if i == 0 else f"train.{i}.log"
+    workdir = as_path(workdir)
+    return (local_log_dir(workdir) if is_remote(workdir) else workdir) / name
 
 
-def write_atomically(path: Path, text: str) -> None:
+def upload_log(local: Path, remote: AnyPath) -> None:
+    """Copies a run's local log into its object-store workdir; best-effort (a failure warns)."""
+    if not local.is_file():
+        return  # a clean run leaves no log
+    try:
+        remote.write_bytes(local.read_bytes())
+    except OSError as err:
+        logging.warning("the log %s could not be copied to %s (%s)", local, remote,
+                        err.strerror or err)
+
+
+def write_atomically(path: AnyPath, text: str) -> None:
     """Replaces `path` by `text` all at once; an OSError names `path` (a full disk)."""
+    if is_remote(path):  # an object appears whole once written
+        try:
+            path.write_text(text)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        return
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(text)
@@ -98,7 +131,7 @@ def _lock(lock: WorkdirLock) -> None:
         raise refusal or WorkdirLocked(f"process 0 could not lock {lock.path.parent}")
 
 
-def _train(cfg: Config, workdir: Path, stop_after: int | None,
+def _train(cfg: Config, workdir: AnyPath, stop_after: int | None,
            fresh_start: bool) -> dict[str, Any]:
     check_workdir(workdir, cfg)
     mesh = sharding.batch_mesh()
@@ -117,7 +150,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None,
     return state
 
 
-def _run(cfg: Config, workdir: Path, mesh: Mesh, inputs: tuple[Any, Any], ckpts: Checkpoints,
+def _run(cfg: Config, workdir: AnyPath, mesh: Mesh, inputs: tuple[Any, Any], ckpts: Checkpoints,
          stop_after: int | None, fresh_start: bool) -> dict[str, Any]:
     """Restores or initialises the state, then trains, saves, logs and evaluates."""
     batches_from, eval_split = inputs

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tome_jax.evaluation import evaluate
+from tome_jax.storage import AnyPath, is_remote
 from tome_jax.training.config import Config
 from tome_jax.training.inputs import eval_batches
 from tome_jax.training.messages import line_left_open
@@ -32,13 +33,25 @@ class MetricLog:
     Opened at a resumed run's `start` step, it first drops the rows of steps after `start`
     (logged by the interrupted run after its last checkpoint, and about to be logged again), so
     every step has one row. A row cut short by a kill goes too.
+
+    On an object store (a gs:// workdir), which cannot append, process 0 keeps the rows and
+    rewrites the whole object at each write, as tf.io.gfile's append does there: a reader
+    always sees a complete file. TensorBoard's writer reaches gs:// itself (tensorboardX,
+    through google-cloud-storage).
     """
 
-    def __init__(self, workdir: Path, start: int = 0):
+    def __init__(self, workdir: AnyPath, start: int = 0):
         path = workdir / "metrics.jsonl"
-        if jax.process_index() == 0 and path.exists():
-            drop_rows_after(path, start)
-        self.jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
+        self.path = path
+        self.rows: list[str] | None = None  # object store: the whole file, rewritten per row
+        self.jsonl = None
+        if is_remote(path):
+            if jax.process_index() == 0:
+                self.rows = _read_rows(path, start)
+        else:
+            if jax.process_index() == 0 and path.exists():
+                drop_rows_after(path, start)
+            self.jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
         self.write_failed = False
         self.tb = None
         if jax.process_index() == 0:
@@ -50,12 +63,17 @@ class MetricLog:
         """Appends a row; a failed write (a full disk) is reported once and training goes on."""
         if jax.process_index() != 0:
             return
+        row = json.dumps({"step": step, **metrics}) + "\n"
         try:
-            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.jsonl.flush()
+            if self.rows is not None:
+                self.rows.append(row)
+                self.path.write_text("".join(self.rows))
+            else:
+                self.jsonl.write(row)
+                self.jsonl.flush()
         except OSError as err:
             if not self.write_failed:
-                warnings.warn(f"{self.jsonl.name} could not be written ({err.strerror}) at "
+                warnings.warn(f"{self.path} could not be written ({err.strerror or err}) at "
                               f"step {step}; training goes on", stacklevel=2)
             self.write_failed = True
         if self.tb is not None:
@@ -65,16 +83,16 @@ class MetricLog:
 
     def close(self) -> None:
         try:
-            self.jsonl.close()
+            if self.jsonl is not None:
+                self.jsonl.close()
         except OSError:  # its last row did not fit; already reported by write()
             pass
         if self.tb is not None:
             self.tb.close()
 
 
-def drop_rows_after(path: Path, step: int) -> None:
-    """Rewrites a metrics.jsonl (atomically) without rows after `step` or unreadable ones."""
-    lines = path.read_text(errors="replace").splitlines()
+def rows_up_to(lines: Sequence[str], step: int) -> list[str]:
+    """The metrics.jsonl lines of steps up to `step`; unreadable ones left out."""
     kept = []
     for line in lines:
         try:
@@ -83,6 +101,32 @@ def drop_rows_after(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
+    return kept
+
+
+def _read_rows(path: AnyPath, step: int) -> list[str]:
+    """An object-store metrics.jsonl's rows up to `step` (each with its newline), rewritten
+    there at once when some were dropped; [] when there is none yet."""
+    try:
+        lines = path.read_bytes().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    kept = rows_up_to(lines, step)
+    rows = [line + "\n" for line in kept]
+    if len(kept) != len(lines):
+        try:
+            path.write_text("".join(rows))
+        except OSError as err:
+            warnings.warn(f"{path}: the rows after step {step} could not be dropped now "
+                          f"({err.strerror or err}); the next row written rewrites it without "
+                          "them", stacklevel=3)
+    return rows
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrites a metrics.jsonl (atomically) without rows after `step` or unreadable ones."""
+    lines = path.read_text(errors="replace").splitlines()
+    kept = rows_up_to(lines, step)
     if len(kept) == len(lines):
         return
     tmp = path.with_name(path.name + ".tmp")

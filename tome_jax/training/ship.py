@@ -2,10 +2,14 @@
 
     out, step = ship("runs/cifar10", "models/cifar10_vit")
     model, params, info = load_model(out)
+
+Either may be an object-store URL (gs://bucket/run); ship.log then stays local (see
+`training.loop.log_path`).
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import numpy as np
 from tome_jax import sharding
 from tome_jax.checkpoint import save_model
 from tome_jax.params import flatten
+from tome_jax.storage import AnyPath, as_path, is_remote, local_log_dir
 from tome_jax.training.checkpoints import Checkpoints
 from tome_jax.training.config import Config, load_config
 from tome_jax.training.messages import library_logs_to
@@ -41,7 +46,7 @@ def model_config(cfg: Config) -> dict[str, Any]:
 LOG_FILE = "ship.log"  # orbax's logs while reading the checkpoints
 
 
-def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
+def ship(workdir: str | Path, out: str | Path) -> tuple[AnyPath, int]:
     """Writes `out` from the newest usable checkpoint of `workdir`; returns (out, step).
 
     Checkpoints are checked as training checks them (`Checkpoints.restore`), read-only: an
@@ -49,11 +54,15 @@ def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
     without a checkpoint, CheckpointsUnusable (a ValueError) when none is usable,
     FileExistsError when `out` exists.
     """
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     if not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"{workdir} is not a training workdir: it has no config.json")
-    cfg = load_config(workdir / "config.json", [])
-    with library_logs_to(workdir / LOG_FILE):
+    cfg = _load_run_config(workdir)
+    logs = workdir
+    if is_remote(workdir):  # a logging.FileHandler writes local files only
+        logs = local_log_dir(workdir)
+        logs.mkdir(parents=True, exist_ok=True)
+    with library_logs_to(logs / LOG_FILE):
         ckpts = Checkpoints(workdir, read_only=True)
         try:
             if not ckpts.steps():
@@ -68,3 +77,14 @@ def ship(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
     out = save_model(out, flat, model_config(cfg), image_size=(cfg.image_size,) * 2,
                      normalization=cfg.normalization, source=source)
     return out, step
+
+
+def _load_run_config(workdir: AnyPath) -> Config:
+    """WORKDIR/config.json as a Config (`load_config` reads local files: a remote one is
+    read through a local copy)."""
+    if not is_remote(workdir):
+        return load_config(workdir / "config.json", [])
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, "config.json")
+        local.write_bytes((workdir / "config.json").read_bytes())
+        return load_config(local, [])

@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tome_jax.storage import as_path
+
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    """The records of WORKDIR/metrics.jsonl, in order."""
-    path = Path(workdir) / "metrics.jsonl"
+    """The records of WORKDIR/metrics.jsonl, in order (WORKDIR may be a gs:// URL)."""
+    path = as_path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a train.train workdir?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
