@@ -82,7 +82,7 @@ def _fake_rows(variant, batch, resolution, schedules, runs, warmup, dtype, metho
 
 def test_cli_one_table_per_batch_and_dtype(monkeypatch, capsys):
     monkeypatch.setattr(B, "benchmark", _fake_rows)
-    cli.main(["--variant", "mu/4", "--resolution", "16", "--batch", "1", "3", "--dtype",
+    cli.main(["--variant", "mu/4", "--image-size", "16", "--batch-size", "1", "3", "--dtype",
             "float32", "bfloat16", "--report-rss"])
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("ViT-mu/4")]
@@ -95,7 +95,7 @@ def test_cli_one_table_per_batch_and_dtype(monkeypatch, capsys):
 def test_cli_vs_torch(monkeypatch, capsys):
     pytest.importorskip("timm")
     monkeypatch.setattr(B, "benchmark", _fake_rows)
-    cli.main(["--variant", "mu/4", "--resolution", "16", "--batch", "2", "--runs", "1",
+    cli.main(["--variant", "mu/4", "--image-size", "16", "--batch-size", "2", "--runs", "1",
             "--vs-torch", "--torch-threads", "1"])
     out = capsys.readouterr().out
     assert f"| 0 | {B.TORCH_LABEL} | - | 17 |" in out and "1 threads, CPU" in out
@@ -120,7 +120,7 @@ def test_cli_defaults_unchanged(monkeypatch):
 
 
 def test_bad_cli_input(capsys):
-    for argv, message in ((["--batch", "0"], "must be positive"),
+    for argv, message in ((["--batch-size", "0"], "must be positive"),
                           (["--dtype", "float16"], "invalid choice"),
                           (["--merge-method", "nope"], "invalid choice")):
         with pytest.raises(SystemExit):

@@ -171,7 +171,7 @@ def test_cli(tiny, tmp_path, capsys):
                normalization="augreg")
     out = tmp_path / "m.jaxexport"
     assert cli.main(["--checkpoint", str(ckpt), "--r", "5", "--out", str(out),
-                        "--batch", "3"]) == 0
+                        "--batch-size", "3"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["input"]["shape"] == [3, 32, 32, 3] and printed["r_per_block"] == [5, 5]
     # Same function as the fixture's artefacts, whose numbers the fresh-process test checks.
@@ -179,8 +179,8 @@ def test_cli(tiny, tmp_path, capsys):
     assert reloaded.in_avals[0].shape == (3, 32, 32, 3)
     assert reloaded.out_avals[0].shape == (3, 10)
     other = tmp_path / "other.jaxexport"
-    assert cli.main(["--checkpoint", str(ckpt), "--out", str(other), "--batch", "0"]) == 2
-    assert "--batch must be >= 1" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(other), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert cli.main(["--checkpoint", str(ckpt), "--out", str(other),
                         "--image-size", "36"]) == 2
     assert "not divisible by the patch size" in capsys.readouterr().err
@@ -191,11 +191,12 @@ def test_cli(tiny, tmp_path, capsys):
     # An existing artefact is kept unless --overwrite.
     before = out.read_bytes()
     assert cli.main(["--checkpoint", str(ckpt), "--r", "0", "--out", str(out),
-                     "--batch", "3"]) == 2
+                     "--batch-size", "3"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {out} exists; refusing to overwrite it (--overwrite replaces it)\n"
+    assert err == (f"python -m tome_jax.export: error: {out} exists; refusing to overwrite it "
+                   "(--overwrite replaces it)\n")
     assert out.read_bytes() == before
-    assert cli.main(["--checkpoint", str(ckpt), "--r", "0", "--out", str(out), "--batch", "3",
+    assert cli.main(["--checkpoint", str(ckpt), "--r", "0", "--out", str(out), "--batch-size", "3",
                      "--overwrite"]) == 0
     capsys.readouterr()
     assert out.read_bytes() != before

@@ -68,7 +68,7 @@ def test_shipped_assets_are_package_data():
 def test_overview_names_every_command(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: tome-jax COMMAND")
+    assert out.startswith("usage: tome-jax [--debug] COMMAND")
     assert all(f"\n  {name} " in out for name in cli.COMMANDS)
     assert cli.main([]) == 2
 

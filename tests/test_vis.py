@@ -192,7 +192,7 @@ def test_cli_end_to_end_and_bad_input(checkpoint, tiny, tmp_path, capsys):
     src = tmp_path / "photo.png"
     Image.fromarray(tiny[2]).convert("L").save(src)
     out = tmp_path / "merges.png"
-    assert cli.main([str(src), "--checkpoint", str(checkpoint), "--r", "4", "--r", "8,-1",
+    assert cli.main([str(src), "--checkpoint", str(checkpoint), "--r", "4", "8,-1",
                      "--out", str(out)]) == 0
     assert "converted to RGB" in capsys.readouterr().err
     with Image.open(out) as img:
@@ -227,7 +227,7 @@ def test_cli_takes_size_and_normalization_from_the_model_directory(checkpoint, t
         return [[("original", image)]]
 
     monkeypatch.setattr(vis, "visualise", fake_visualise)
-    argv = [str(src), "--checkpoint", str(checkpoint), "--r", "4", "--r", "[2,2]",
+    argv = [str(src), "--checkpoint", str(checkpoint), "--r", "4", "[2,2]",
             "--out", str(tmp_path / "m.png")]
     assert cli.main(argv) == 0
     assert cli.main(argv + ["--normalization", "augreg", "--image-size", "32"]) == 0

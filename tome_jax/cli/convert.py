@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from tome_jax.checkpoint import CheckpointError, read_info
-from tome_jax.cli.args import make_parser, one_line
+from tome_jax.cli.args import debugging, make_parser, one_line
 from tome_jax.convert import RESAMPLE_METHODS, convert
 from tome_jax.normalization import NORMALIZATIONS
 
@@ -59,15 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       num_heads=a.num_heads, pool=a.pool, resample=a.resample,
                                       normalization=a.normalization)
     except CheckpointError as e:  # also an existing DST, and a full disk (checkpoint.WriteError)
+        if debugging(a):
+            raise
         print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
         return 2
     print(json.dumps({"dst": a.dst, "model": config, "image_size": image_hw,
                       "normalization": read_info(a.dst).normalization}))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def _convert_named(a: argparse.Namespace) -> int:
@@ -78,8 +76,14 @@ def _convert_named(a: argparse.Namespace) -> int:
         info = convert_pretrained(a.src, a.dst, image_size=a.image_size,
                                   num_classes=a.num_classes, normalization=a.normalization)
     except CheckpointError as e:
+        if debugging(a):
+            raise
         print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
         return 2
     print(json.dumps({"dst": a.dst, "model": info.config, "image_size": list(info.image_size),
                       "normalization": info.normalization}))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

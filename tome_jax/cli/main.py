@@ -2,6 +2,7 @@
 
     tome-jax quickstart                 # the shipped model on the shipped images, any folder
     tome-jax sweep --help               # each subcommand's own options
+    tome-jax --debug sweep ...          # a user error with its traceback (= sweep ... --debug)
     tome-jax --version
 
 Each subcommand runs `tome_jax.cli.<name>.main(argv)`, the function behind `python -m eval.X` /
@@ -53,7 +54,8 @@ def invoked_as(default: str) -> str:
 
 def usage(prog: str) -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"usage: {prog} COMMAND [options]   ({prog} COMMAND --help for its options)",
+    lines = [f"usage: {prog} [--debug] COMMAND [options]   ({prog} COMMAND --help for its "
+             "options)",
              "", "Token Merging (ToMe) for Vision Transformers in JAX/Flax.", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
@@ -65,8 +67,11 @@ def missing_extra(error: ModuleNotFoundError) -> tuple[str, str] | None:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "tome-jax") -> int:
-    """Runs `prog COMMAND ARGS...`; returns the exit status."""
+    """Runs `prog [--debug] COMMAND ARGS...`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    if debug:  # the subcommand's own --debug (tome_jax.cli.args.run)
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(prog))
         return 0 if argv else 2
@@ -81,12 +86,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "tome-jax") -> int:
         return 2
     token = _PROG.set(f"{prog} {name}")
     try:
-        result = importlib.import_module(f"tome_jax.cli.{name}").main(argv[1:])
-    except ModuleNotFoundError as e:
+        result = importlib.import_module(f"tome_jax.cli.{name}").main(
+            ["--debug", *argv[1:]] if debug else argv[1:])
+    except ModuleNotFoundError as e:  # an import the subcommand needs before it parses
+        from tome_jax.cli.args import debugging
+
         extra = missing_extra(e)
-        if extra is None:
+        if extra is None or debug or debugging():
             raise
-        print(f"error: {prog} {name} needs {extra[0]}: {extra[1]}", file=sys.stderr)
+        print(f"{prog} {name}: error: needs {extra[0]}: {extra[1]}", file=sys.stderr)
         return 2
     finally:
         _PROG.reset(token)

@@ -8,18 +8,19 @@ layers with the NumPy re-derivation of the merge inserted (`tome_jax.torch_refer
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from tome_jax.cli.args import make_parser
+from tome_jax.cli.args import make_parser, run
 from tome_jax.torch_reference import timm_forward_with_tome, timm_to_params, vit_b16_r0_logits
 from tome_jax.vit import ViT
 
 
-def _print_parity() -> None:
-    import timm
+def _print_parity(_: argparse.Namespace) -> None:
+    import timm  # without it (or torch): one `error:` line naming the extra (args.run)
 
     ours, want = vit_b16_r0_logits()
     print(f"ViT-B/16 r=0: max abs logit difference {np.abs(ours - want).max():.2e}"
@@ -36,6 +37,9 @@ def _print_parity() -> None:
               f"{np.abs(np.asarray(ours) - want).max():.2e}")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return make_parser("python -m eval.parity", __doc__)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    make_parser("python -m eval.parity", __doc__).parse_args(argv)
-    _print_parity()
+    run(build_parser(), _print_parity, argv)

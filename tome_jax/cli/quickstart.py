@@ -11,6 +11,7 @@ folder). Needs no TensorFlow: without it the images are decoded with PIL (`tome_
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 from tome_jax.assets import shipped_images_dir, shipped_model_dir
@@ -25,7 +26,11 @@ def defaults() -> dict[str, object]:
                 batch_size=250, out="runs/quickstart/cifar10_vit")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The sweep's parser under the quick start's name, with its defaults."""
+    return sweep.build_parser("python -m eval.quickstart", __doc__, **defaults())
+
+
 def main(argv: Sequence[str] | None = None) -> list[sweep.Row]:
     """Runs the quick start; returns the sweep's rows."""
-    parser = sweep.build_parser("python -m eval.quickstart", __doc__, **defaults())
-    return run(parser, sweep.sweep_command, argv)
+    return run(build_parser(), sweep.sweep_command, argv)

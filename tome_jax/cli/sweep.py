@@ -32,6 +32,7 @@ from typing import Any
 
 from tome_jax.cli.args import (
     add_data,
+    add_flag,
     add_image_options,
     add_r,
     load_weights,
@@ -63,8 +64,8 @@ def build_parser(prog: str = "python -m eval.sweep", description: str | None = _
     add_image_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="global batch")
     add_r(p, many=True, default=["0", "4", "8", "12", "16"])
-    p.add_argument("--strategy", nargs="+", default=["tome"],
-                   help=f"any of {' '.join(STRATEGIES)}")
+    add_flag(p, "--strategy", nargs="+", default=["tome"],
+             help=f"any of {' '.join(STRATEGIES)}")
     p.add_argument("--fidelity", action="store_true",
                    help="cosine similarity of final features to r = 0 (unlabelled data)")
     p.add_argument("--no-accuracy", action="store_true",

@@ -39,7 +39,7 @@ def combine(named: Sequence[tuple[str, list[Row]]], rs: Sequence[str],
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m eval.table", __doc__)
     p.add_argument("sweeps", nargs="+", help="NAME=PATH.csv, one per model")
-    add_r(p, many=True, default=[], help="schedules to line up (required), as for eval.sweep")
+    add_r(p, many=True, required=True, help="schedules to line up, as for eval.sweep")
     p.add_argument("--strategy", default="tome", help="the rows to take at r > 0")
     p.add_argument("--out", help="also write the table to this .md file")
     return p
@@ -47,15 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def table_command(args: argparse.Namespace) -> str:
     """Reads the sweeps, prints (and with --out writes) the combined table; returns it."""
-    if not args.r:
-        raise ValueError("the following arguments are required: --r")
     named = []
     for item in args.sweeps:
         if "=" not in item:
             raise ValueError(f"{item!r} is not NAME=PATH.csv")
         name, path = item.rsplit("=", 1)  # names may hold "=", paths rarely do
         named.append((name, read_csv(path)))
-    text = format_markdown(combine(named, [schedule_text(r) for r in args.r], args.strategy))
+    try:
+        rows = combine(named, [schedule_text(r) for r in args.r], args.strategy)
+    except KeyError as e:  # a sweep without that r: the user's choice of --r, not a bug
+        raise ValueError(e.args[0]) from None
+    text = format_markdown(rows)
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)

@@ -1,9 +1,10 @@
 """Paint ToMe's merged patch groups over an image.
 
-    python -m tome_jax.vis photo.jpg --checkpoint DIR --r 8 --r 16 --out merges.png
+    python -m tome_jax.vis photo.jpg --checkpoint DIR --r 8 16 --out merges.png
 
 The image size and the input normalization are the model directory's (config.json) unless
---image-size / --normalization say otherwise. Bad input: one `error:` line, exit status 2.
+--image-size / --normalization say otherwise. `--r` takes every value up to the next flag: give
+the images before it. Bad input: one `PROG: error:` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from tome_jax import vis
 from tome_jax.checkpoint import load_model
-from tome_jax.cli.args import R_HELP, make_parser, r_value
+from tome_jax.cli.args import R_HELP, add_flag, add_r, make_parser, run
 from tome_jax.normalization import NORMALIZATIONS
 
 
@@ -24,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="+", help="one or more images: one row (per r) each")
     p.add_argument("--checkpoint", required=True,
                    help="model directory (from tome_jax.convert or train.ship)")
-    p.add_argument("--r", type=r_value, action="append", required=True,
-                   help=R_HELP + "; repeat for panels")
+    add_r(p, many=True, required=True, help=R_HELP + "; several for one panel each")
     p.add_argument("--out", default="merges.png")
     p.add_argument("--image-size", type=int, default=None,
                    help="default: the model directory's")
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the model directory's")
     p.add_argument("--strategy", help="override the model's token reduction: tome, or the "
                                       "baselines random / prune (dropped patches in black)")
-    p.add_argument("--layers", type=int, nargs="+",
-                   help="also show the groups after these blocks (1-based), one row per r")
+    add_flag(p, "--layers", type=int, nargs="+",
+             help="also show the groups after these blocks (1-based), one row per r")
     p.add_argument("--display-scale", type=int, default=1,
                    help="paint on the image enlarged this many times (thin borders on small "
                         "images, e.g. 8 for CIFAR's 32 px)")
@@ -58,13 +58,12 @@ def _figure(args: argparse.Namespace) -> Path:
     return vis.render_grid(rows, args.out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0, or 1 after one `error:` line for bad input (argparse's own: 2)."""
-    args = build_parser().parse_args(argv)
-    try:
-        out = _figure(args)
-    except ValueError as e:  # VisError, CheckpointError, the model's shape / config checks
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
+def _vis_command(args: argparse.Namespace) -> int:
+    print(_figure(args))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0, or 2 after one `PROG: error:` line for bad input (VisError,
+    CheckpointError, the model's shape / config checks)."""
+    return run(build_parser(), _vis_command, argv, status=True)
