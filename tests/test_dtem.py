@@ -10,6 +10,7 @@ import pytest
 
 from tome_jax import dtem
 from tome_jax import merge as tome
+from tome_jax import numpy_reference as ref
 from tome_jax.vit import ViT
 
 TINY = dict(variant="S/8", depth=2, width=32, num_heads=2, mlp_dim=64, num_classes=5)
@@ -35,13 +36,13 @@ def gather(t, active):
     return np.take_along_axis(np.asarray(t), idx[..., None], axis=1)
 
 
-soft_step = jax.jit(dtem.dtem_soft_step, static_argnames=("r", "tau1", "tau2", "k"))
+soft_step = jax.jit(dtem.dtem_soft_step, static_argnames=("r", "tau1", "tau2", "k", "order"))
 
 
 def test_two_tokens_small_tau_is_the_hard_merge():
     x, size, metric = tokens(0, num=3)  # class token + 2 patches: one A, one B
     active = dtem.init_active(2, 3, num_prefix=1)
-    sx, ss, act = soft_step(x, size, active, metric, r=1, tau1=1e-3, tau2=1e-3)
+    sx, ss, act = soft_step(x, size, active, metric, r=1, tau1=1e-3, tau2=1e-3, order="tome")
     hx, hs = hard(x, size, metric, 1)
     np.testing.assert_array_equal(np.asarray(act), [[1], [1]])
     np.testing.assert_allclose(np.asarray(ss[:, 2]), 0.0, atol=1e-6)  # A gave all away
@@ -58,7 +59,8 @@ def test_small_tau2_is_tomes_matching_block_after_block(rs):
     pos = jnp.broadcast_to(jnp.arange(17), (2, 17))  # where ToMe's tokens sit in the soft path
     active = dtem.init_active(2, 17, num_prefix=1)
     for r in rs:
-        x, size, active = soft_step(x, size, active, metric, r=r, tau1=1.0, tau2=1e-4)
+        x, size, active = soft_step(x, size, active, metric, r=r, tau1=1.0, tau2=1e-4,
+                                    order="tome")
         # Each token keeps its own metric in both paths (the embedding is per position here).
         hm = jnp.take_along_axis(metric, pos[..., None], axis=1)
         matching = tome.match(hm, r, class_token=True)
@@ -72,18 +74,96 @@ def test_small_tau2_is_tomes_matching_block_after_block(rs):
     assert active.shape == (2, 16 - sum(rs))
 
 
-def test_soft_merge_conserves_size_over_blocks():
+@pytest.mark.parametrize("order", dtem.ORDERS)
+def test_soft_merge_conserves_size_over_blocks(order):
     x, size, metric = tokens(2, num=17)
     active = dtem.init_active(2, 17, num_prefix=1)
     total = np.asarray(size).sum(axis=(1, 2))
     for r in [4, 3, 2, 2]:
-        x, size, active = soft_step(x, size, active, metric, r=r)
+        x, size, active = soft_step(x, size, active, metric, r=r, order=order)
         s = np.asarray(size)
         assert (s >= 0).all() and np.isfinite(np.asarray(x)).all()
         np.testing.assert_allclose(s.sum(axis=(1, 2)), total, rtol=1e-5)
     assert active.shape == (2, 16 - 11)
     for row in np.asarray(active):  # distinct patch positions
         assert len(set(row)) == len(row) and row.min() >= 1
+
+
+def test_first_split_in_the_authors_order():
+    # Class token at 0, patches 1..7: A = 1, 3, 5, 7 (the larger half of an odd count), B = 2,
+    # 4, 6; ToMe's order is the other way round.
+    active = dtem.init_active(1, 8, num_prefix=1)
+    a, b = dtem.split_active(active)
+    np.testing.assert_array_equal(np.asarray(a), [[1, 3, 5, 7]])
+    np.testing.assert_array_equal(np.asarray(b), [[2, 4, 6]])
+    a, b = dtem.split_active(active, "tome")
+    np.testing.assert_array_equal(np.asarray(a), [[2, 4, 6]])
+    np.testing.assert_array_equal(np.asarray(b), [[1, 3, 5, 7]])
+
+
+def test_sort_by_size_is_stable_and_drops_the_smallest():
+    size = jnp.asarray([[[9.0], [1.0], [0.5], [1.0], [2.0], [0.0], [1.0]]])
+    active = jnp.asarray([[3, 1, 4, 6, 2, 5]])  # sizes 1, 1, 2, 1, 0.5, 0
+    np.testing.assert_array_equal(np.asarray(dtem.sort_by_size(size, active, 2)),
+                                  [[4, 3, 1, 6]])
+
+
+def per_token_maps(seed, channels, dim):
+    """(embed, body) in NumPy float64 and JAX: a per-token merge metric and a per-token residual
+    update standing in for a block's attention and MLP (both see the merged features)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((channels, dim)) / np.sqrt(channels)
+    bias = 0.1 * rng.standard_normal(dim)
+    v = rng.standard_normal((channels, channels)) / np.sqrt(channels)
+    np_maps = (lambda x: x @ w + bias, lambda x: x + 0.5 * np.tanh(x @ v))
+    w32, b32, v32 = (jnp.asarray(t, jnp.float32) for t in (w, bias, v))
+    hi = jax.lax.Precision.HIGHEST
+    jax_maps = (lambda x: jnp.einsum("btc,cd->btd", x, w32, precision=hi) + b32,
+                lambda x: x + 0.5 * jnp.tanh(jnp.einsum("btc,cd->btd", x, v32, precision=hi)))
+    return np_maps, jax_maps
+
+
+@pytest.mark.parametrize("tau1, tau2", [(1.0, 1.0), (0.5, 0.25)])
+def test_two_soft_blocks_in_the_authors_order_equal_the_numpy_reference(tau1, tau2):
+    # Class token + 15 patches (an odd count), r = 4 then 3: the second block splits the
+    # tokens as the first block's size re-sort left them. The reference moves tokens as the
+    # authors' code does; `pos` follows where each of its tokens sits in the static layout.
+    batch, num, channels, rs = 3, 16, 8, [4, 3]
+    x0 = np.random.default_rng(7).standard_normal((batch, num, channels)).astype(np.float32)
+    (np_embed, np_body), (jax_embed, jax_body) = per_token_maps(6, channels, 4)
+    x, size = jnp.asarray(x0), jnp.ones((batch, num, 1), jnp.float32)
+    active = dtem.init_active(batch, num, num_prefix=1)
+    step = jax.jit(lambda x, size, active, r: dtem.dtem_soft_step(
+        x, size, active, jax_embed(x), r, tau1, tau2), static_argnums=3)
+    for r in rs:
+        x, size, active = step(x, size, active, r)
+        x = jax_body(x)
+    for i in range(batch):
+        rx, rsize, n, pos = x0[i].astype(np.float64), np.ones(num), num, np.arange(num)
+        for r in rs:
+            rx, rsize, n_next, perm = ref.dtem_soft_block(rx, rsize, np_embed(rx), n, r,
+                                                          tau1=tau1, tau2=tau2)
+            # The re-sort is well posed here: sizes tie exactly or differ far beyond rounding.
+            gaps = -np.diff(rsize[1:n])
+            assert ((gaps == 0) | (gaps > 1e-4)).all(), gaps
+            pos, n = pos[perm], n_next
+            rx = np_body(rx)
+        np.testing.assert_array_equal(np.asarray(active[i]), pos[1:n])
+        np.testing.assert_allclose(np.asarray(x[i])[pos], rx, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(size[i, :, 0])[pos], rsize, rtol=0, atol=1e-5)
+        assert not np.allclose(rsize, 1.0)  # the merges moved size
+
+
+def test_orders_differ_from_the_second_block_on():
+    x, size, metric = tokens(7, num=17)
+    out = {}
+    for order in dtem.ORDERS:
+        s, a = size, dtem.init_active(2, 17, num_prefix=1)
+        _, s, a = soft_step(x, s, a, metric, r=4, order=order)
+        out[order] = (np.asarray(a), np.asarray(s))
+    assert not np.array_equal(out["size"][0], out["tome"][0])
+    sizes = np.take_along_axis(out["size"][1][..., 0], out["size"][0], axis=1)
+    assert (np.diff(sizes, axis=1) <= 0).all()  # "size": largest first
 
 
 def test_gradient_finite_with_a_zero_embedding():
@@ -147,8 +227,8 @@ def test_vit_hard_path_uses_the_embedding(tiny):
     assert not np.allclose(np.asarray(logits), np.asarray(tome_logits))  # another metric
     # The soft path at a small temperature follows the same hard matching (tau2 well under
     # the gaps between this init's top scores, a few 1e-4).
-    soft_logits, soft_out = run(model.clone(soft_merge=True, dtem_tau1=1.0, dtem_tau2=1e-6),
-                                params)
+    soft_logits, soft_out = run(model.clone(soft_merge=True, dtem_tau1=1.0, dtem_tau2=1e-6,
+                                            dtem_order="tome"), params)
     assert soft_out["encoded"].shape == (2, 17, 32)
     np.testing.assert_allclose(np.asarray(soft_out["size"]).sum(axis=(1, 2)), 17.0, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(soft_logits), np.asarray(logits), atol=1e-3)

@@ -17,11 +17,20 @@ Prefix tokens (class, distill, registers) are never active, so they are never me
 tokens still take part in attention (with a `+ log size` bias, so those of size ~0 vanish) and
 in the MLP; they are only never matched again.
 
-`active` lists the tokens in the order ToMe would hold them: position order at first, and after
-each step the surviving A tokens, then the surviving B tokens (ToMe's `merge_tokens` output
-order). A takes the odd and B the even entries of `active` (0-based), which is ToMe's split
-behind a leading class token. So with a class token, the soft path at a small temperature makes
-ToMe's choices block after block, not only in the first one.
+`active` lists the tokens in an order that fixes the next block's A/B split; `order` picks
+which (both alternate A/B along `active`, with the class token before entry 0):
+
+    "size" (default, the authors' training code): after each step the active tokens are
+      re-sorted by size, largest first (a stable sort: ties keep A's order, then B's), and the r
+      smallest leave. A takes entries 0, 2, 4, ... (positions 1, 3, 5, ... in the first block),
+      B the rest, so with an odd count A gets the larger half.
+    "tome" (ToMe's order): A takes entries 1, 3, 5, ... and B 0, 2, 4, ..., ToMe's split
+      behind a leading class token; after each step the surviving A tokens, then the surviving B
+      tokens, in their order (ToMe's `merge_tokens` output order), lose the r smallest. With a
+      class token the soft path at a small temperature then makes ToMe's choices block after
+      block, not only in the first one.
+
+Inference never uses either: it is ToMe's hard matching on the embedding (`merge.match`).
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from tome_jax.merge import gather
 
 # Parameter name of the per-block embedding inside `Encoder1DBlock`.
 EMBED_NAME = "dtem_embed"
+# How `active` is ordered between blocks (see the module docstring).
+ORDERS = ("size", "tome")
 # log(0) would turn a vanished token's attention bias into -inf with a NaN gradient.
 MIN_SIZE = 1e-6
 
@@ -54,8 +65,8 @@ def _check_r(r: int, num_a: int) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"r must be a non-negative Python int (static), got {r!r}")
     if r > num_a:
-        raise ValueError(f"r={r} is too large for the soft merge: only {num_a} tokens in set A "
-                         "(at most half the active tokens can merge per block)")
+        raise ValueError(f"r={r} is too large for the soft merge: at most {num_a} tokens can "
+                         "merge (half the active tokens, rounded down, per block)")
 
 
 def straight_through_clip(v: jax.Array, lo: float = 0.0, hi: float = 1.0) -> jax.Array:
@@ -134,8 +145,17 @@ def init_active(batch: int, tokens: int, num_prefix: int) -> jax.Array:
     return jnp.broadcast_to(idx, (batch, tokens - num_prefix))
 
 
-def split_active(active: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """active [B, n] -> (a_idx [B, n // 2], b_idx [B, ceil(n / 2)]): A odd, B even entries."""
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"unknown DTEM order {order!r}; expected one of {ORDERS}")
+
+
+def split_active(active: jax.Array, order: str = "size") -> tuple[jax.Array, jax.Array]:
+    """active [B, n] -> (a_idx, b_idx). "size": A the even entries (ceil(n / 2) of them), B the
+    odd ones; "tome": A the odd entries (n // 2), B the even ones."""
+    _check_order(order)
+    if order == "size":
+        return active[:, 0::2], active[:, 1::2]
     return active[:, 1::2], active[:, 0::2]
 
 
@@ -166,13 +186,26 @@ def drop_smallest(size: jax.Array, active: jax.Array, r: int) -> jax.Array:
     return jnp.take_along_axis(active, order, axis=-1)
 
 
+def sort_by_size(size: jax.Array, active: jax.Array, r: int) -> jax.Array:
+    """The active tokens re-sorted by size, largest first, less the r smallest: [B, n] ->
+    [B, n - r]. A stable sort (ties keep their order in `active`) of a static-shape slice: only
+    the active tokens take part, so inactive ones can never be re-admitted.
+    """
+    s = jax.lax.stop_gradient(gather(size, active)[..., 0])
+    # `-s` with a stable ascending sort is a stable descending one (sizes are >= 0, so no NaN
+    # and no -0.0 / 0.0 pair to split ties).
+    order = jnp.argsort(-s, axis=-1, stable=True)[:, :active.shape[1] - r]
+    return jnp.take_along_axis(active, order, axis=-1)
+
+
 def dtem_soft_step(x: jax.Array, size: jax.Array, active: jax.Array, embedding: jax.Array,
                    r: int, tau1: float = 0.1, tau2: float = 0.1,
-                   k: int = 3) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   k: int = 3, order: str = "size") -> tuple[jax.Array, jax.Array, jax.Array]:
     """One block's relaxed merge. x [B, T, C], size [B, T, 1], active [B, n], embedding
     [B, T, Cm] -> (x [B, T, C], size [B, T, 1], active [B, n - r]).
 
-    r is static and at most n // 2 (the size of set A).
+    r is static and at most n // 2, as the schedule clamps it (with order "size" set A has
+    ceil(n / 2) tokens, but only n // 2 in B). order: "size" or "tome", see the module docstring.
     """
     if embedding.shape[:2] != x.shape[:2]:
         raise ValueError(f"embedding {embedding.shape} does not cover the tokens of x "
@@ -180,14 +213,18 @@ def dtem_soft_step(x: jax.Array, size: jax.Array, active: jax.Array, embedding: 
     if size.shape != x.shape[:2] + (1,):
         raise ValueError(f"size must be {x.shape[:2] + (1,)}, got {size.shape}")
     _check_tau(tau1, tau2)
-    a_idx, b_idx = split_active(active)
-    _check_r(r, a_idx.shape[1])
+    a_idx, b_idx = split_active(active, order)
+    # At most half the active tokens merge per block in either order (the authors' clamp).
+    _check_r(r, min(a_idx.shape[1], b_idx.shape[1]))
     if r == 0:
         return x, size, active
     m = soft_top_r(cosine_scores(embedding, a_idx, b_idx), r, k, tau1, tau2)
     x, size = soft_merge(x, size, m, a_idx, b_idx)
-    # A then B: the order ToMe's merge leaves its tokens in (see the module docstring).
-    return x, size, drop_smallest(size, jnp.concatenate([a_idx, b_idx], axis=1), r)
+    # A then B: the order both orders start from (see the module docstring).
+    merged = jnp.concatenate([a_idx, b_idx], axis=1)
+    if order == "size":
+        return x, size, sort_by_size(size, merged, r)
+    return x, size, drop_smallest(size, merged, r)
 
 
 # --- the embeddings as a small add-on checkpoint, and modular training -----------------------

@@ -78,6 +78,7 @@ class MergeConfig:
     dtem_tau1: float = 0.1
     dtem_tau2: float = 0.1
     dtem_k: int = 3
+    dtem_order: str = "size"  # how tokens are re-split between blocks: `dtem.ORDERS`
     dtem_fused: bool = False  # inference: the embedding rides in the q/k/v matmul
 
     @property
@@ -203,7 +204,7 @@ def soft_merge_by_embedding(tokens: Tokens, metrics: Metrics, r: int, cfg: Merge
     del layer
     x, size, active = dtem.dtem_soft_step(tokens.x, tokens.size, tokens.active,
                                           metrics.embedding, r, cfg.dtem_tau1, cfg.dtem_tau2,
-                                          cfg.dtem_k)
+                                          cfg.dtem_k, cfg.dtem_order)
     return tokens._replace(x=x, size=size, active=active)
 
 

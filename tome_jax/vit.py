@@ -265,9 +265,13 @@ class ViT(nn.Module):
       see `tome_jax.dtem`; `dtem.default_dim` gives the paper's width) and matches on it instead
       of the keys. soft_merge: DTEM's training path (needs dtem_dim): differentiable soft
       merges with temperatures dtem_tau1, dtem_tau2 over the top dtem_k candidates; no token is
-      removed, out["size"] holds fractional sizes for all tokens. dtem_fused: computes the
-      embedding in the same matmul as q, k and v (kernels side by side, same parameters) for
-      inference and export; gradients then reach the backbone through it, so train unfused.
+      removed, out["size"] holds fractional sizes for all tokens. dtem_order: how the soft path
+      splits tokens into A/B: "size" (the authors' training code: alternately from the tokens
+      re-sorted by size, largest first, after every block) or "tome" (ToMe's split and order, no
+      re-sort); see `tome_jax.dtem`. Inference is ToMe's matching either way. dtem_fused:
+      computes the embedding in the same matmul as q, k and v (kernels side by side, same
+      parameters) for inference and export; gradients then reach the backbone through it, so
+      train unfused.
     """
 
     variant: str = "B/16"
@@ -297,6 +301,7 @@ class ViT(nn.Module):
     dtem_tau1: float = 0.1
     dtem_tau2: float = 0.1
     dtem_k: int = 3
+    dtem_order: str = "size"
     dtem_fused: bool = False
 
     def __post_init__(self):
@@ -348,6 +353,9 @@ class ViT(nn.Module):
                     raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
             if self.dtem_k < 1:
                 raise ValueError(f"dtem_k must be >= 1, got {self.dtem_k!r}")
+            if self.dtem_order not in dtem.ORDERS:
+                raise ValueError(f"unknown dtem_order {self.dtem_order!r}; expected one of "
+                                 f"{dtem.ORDERS}")
         if self.merge_method not in merge.MERGE_METHODS:
             raise ValueError(f"unknown merge_method {self.merge_method!r}; "
                              f"expected one of {merge.MERGE_METHODS}")
@@ -388,6 +396,7 @@ class ViT(nn.Module):
                            method=self.merge_method, strategy=self.strategy,
                            dtem_soft=self.soft_merge, dtem_tau1=self.dtem_tau1,
                            dtem_tau2=self.dtem_tau2, dtem_k=self.dtem_k,
+                           dtem_order=self.dtem_order,
                            # The soft path trains the embedding: never fused.
                            dtem_fused=self.dtem_fused and not self.soft_merge)
 
