@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ class Config:
     dtem_tau1: float = 0.1
     dtem_tau2: float = 0.1
     dtem_k: int = 3  # candidates per token in DTEM's soft top-r
+    # How DTEM's soft path re-splits tokens after each block: "size" (the authors' order: by
+    # size, largest first) or "tome" (ToMe's order, no re-sort). Evaluation is hard either way.
+    dtem_order: str = "size"
     # Data.
     dataset: str = "cifar10_jpeg"
     data_dir: str = ""
@@ -161,6 +165,43 @@ def typed_value(value: Any, kind: type, origin: str) -> Any:
 
 def _article(kind: type) -> str:
     return {int: "an int", float: "a number"}.get(kind, kind.__name__)
+
+
+def frozen_backbone_warnings(cfg: Config, param_names: Iterable[str]) -> list[str]:
+    """One line per reason a run's frozen backbone would train differently from how it runs.
+
+    param_names: the model's "a/b/c" parameter paths. With `freeze` matching parameters outside
+    DTEM's embeddings, drop_path or dropout > 0 would still drop residual branches or units of
+    those frozen blocks in every training step: what trains (the embeddings, a head) then learns
+    on features the model never produces at evaluation. DTEM's authors train with neither.
+    """
+    from tome_jax.dtem import EMBED_NAME  # lazily: load_config alone imports no JAX
+
+    noise = [f"{name}={getattr(cfg, name)}" for name in ("drop_path", "dropout")
+             if getattr(cfg, name) > 0]
+    if not cfg.freeze or not noise:
+        return []
+    frozen = re.compile(cfg.freeze)
+    backbone = [n for n in param_names if EMBED_NAME not in n.split("/")]
+    count = sum(1 for n in backbone if frozen.search(n))
+    if not count:
+        return []
+    return [f"{' and '.join(noise)} with freeze={cfg.freeze!r} (freezing {count} of "
+            f"{len(backbone)} backbone parameters): the frozen blocks still run stochastic "
+            "depth/dropout in every training step, so what trains learns on features the "
+            "evaluated model never produces; set drop_path=0 dropout=0 (as "
+            "train/configs/dtem_modular.json does)"]
+
+
+def warn_frozen_backbone(cfg: Config, params: Any) -> None:
+    """Shows `frozen_backbone_warnings` for a parameter tree (arrays or shapes) as warnings
+    (one "warning: ..." line each from the train command)."""
+    import warnings
+
+    from tome_jax.params import flatten
+
+    for line in frozen_backbone_warnings(cfg, flatten(params)):
+        warnings.warn(line, UserWarning, stacklevel=2)
 
 
 MODEL_FIELDS = ("variant", "width", "depth", "mlp_dim", "num_heads", "num_classes",

@@ -32,7 +32,7 @@ from tome_jax import sharding
 from tome_jax.storage import AnyPath, as_path, is_remote, local_log_dir
 from tome_jax.training.agree import all_processes, any_process
 from tome_jax.training.checkpoints import Checkpoints, SaveError, check_workdir
-from tome_jax.training.config import Config
+from tome_jax.training.config import Config, warn_frozen_backbone
 from tome_jax.training.inputs import check_input_settings, make_train_batches
 from tome_jax.training.lock import WorkdirLock, WorkdirLocked
 from tome_jax.training.messages import library_logs_to, line_left_open
@@ -155,6 +155,7 @@ def _run(cfg: Config, workdir: AnyPath, mesh: Mesh, inputs: tuple[Any, Any], ckp
     """Restores or initialises the state, then trains, saves, logs and evaluates."""
     batches_from, eval_split = inputs
     model, tx, abstract, state_sharding = abstract_train_state(cfg, mesh)
+    warn_frozen_backbone(cfg, abstract["params"])
     restored = ckpts.restore(abstract, fresh_start=fresh_start)
     if restored is not None:
         state = restored[1]

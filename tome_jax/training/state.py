@@ -34,6 +34,7 @@ def make_model(cfg: Config, **overrides: Any) -> ViT:
                   mlp_dim=cfg.mlp_dim or None, num_heads=cfg.num_heads or None,
                   dtem_dim=cfg.dtem_dim or None, soft_merge=cfg.soft_merge,
                   dtem_tau1=cfg.dtem_tau1, dtem_tau2=cfg.dtem_tau2, dtem_k=cfg.dtem_k,
+                  dtem_order=cfg.dtem_order,
                   class_token=cfg.class_token, distill_token=cfg.distill_token,
                   num_registers=cfg.num_registers,
                   layerscale_init=cfg.layerscale_init or None,
