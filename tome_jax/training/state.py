@@ -77,7 +77,7 @@ def overlay_params(params: Any, path: str) -> Any:
         if key not in flat:
             raise ValueError(f"init_from {path}: {key!r} is not a parameter of this model")
         if key == "pos_embedding" and value.shape != flat[key].shape:
-            value = _resampled_posemb(np.asarray(value), tuple(flat[key].shape), path)
+            value = _resampled_posemb(value, tuple(flat[key].shape), path)
         if tuple(flat[key].shape) != tuple(value.shape):
             raise ValueError(f"init_from {path}: {key!r} has shape {tuple(value.shape)}, the "
                              f"model {tuple(flat[key].shape)}")
@@ -85,19 +85,21 @@ def overlay_params(params: Any, path: str) -> Any:
     return unflatten(flat)
 
 
-def _resampled_posemb(posemb: np.ndarray, shape: tuple[int, ...], path: str) -> np.ndarray:
-    """[1, N, D] patch position embeddings on the square grid of `shape` [1, n, D]."""
-    from tome_jax.checkpoint import CheckpointError
-    from tome_jax.convert.resample import resample_posemb
+def _resampled_posemb(posemb: jax.Array, shape: tuple[int, ...], path: str) -> jax.Array:
+    """[1, N, D] patch position embeddings on the square grid of `shape` [1, n, D].
 
-    side = math.isqrt(shape[1])
-    if side * side != shape[1] or posemb.shape[2] != shape[2]:
-        raise ValueError(f"init_from {path}: 'pos_embedding' has shape {posemb.shape}, the "
-                         f"model {shape}; only square patch grids are resampled")
-    try:
-        return resample_posemb(posemb, (side, side))
-    except CheckpointError as e:
-        raise ValueError(f"init_from {path}: {e}") from None
+    jnp, not NumPy: init_state runs under jit, where the loaded tensors are traced.
+    """
+    from tome_jax.convert.resample import interp_matrix
+
+    old, new = math.isqrt(posemb.shape[1]), math.isqrt(shape[1])
+    if old * old != posemb.shape[1] or new * new != shape[1] or posemb.shape[2] != shape[2]:
+        raise ValueError(f"init_from {path}: 'pos_embedding' has shape {tuple(posemb.shape)}, "
+                         f"the model {shape}; only square patch grids are resampled")
+    m = jnp.asarray(interp_matrix(old, new, "bicubic"), jnp.float32)
+    grid = posemb.reshape(old, old, shape[2]).astype(jnp.float32)
+    out = jnp.einsum("hH,wW,HWd->hwd", m, m, grid, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(shape).astype(posemb.dtype)
 
 
 def _state(params: Any, tx: optax.GradientTransformation) -> State:
