@@ -1,15 +1,19 @@
-"""The speed benchmark: schedule parsing, a tiny timed run, the table, the timm reference row,
-and its command line (`python -m eval.benchmark`)."""
+"""The speed benchmark: schedule parsing, a tiny timed run, the table, the PyTorch ToMe it is
+compared with (equal to our model), the training step, the timing helpers, and its command line
+(`python -m eval.benchmark`)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tome_jax import benchmark as B
-from tome_jax import torch_reference
+from tome_jax import merge, timing, torch_reference
 from tome_jax.cli import benchmark as cli
 from tome_jax.schedule import parse_schedule
+from tome_jax.vit import ViT
 
 
 def test_parse_schedule():
@@ -48,18 +52,127 @@ def test_dtem_metric_rows_fused_and_not():
     assert "| 2 | segment | dtem-fused | 15 |" in B.format_table(rows)
 
 
-def test_timm_reference_row():
+def test_vs_torch_rows_and_table():
     pytest.importorskip("timm")
-    row = B.benchmark_torch("mu/4", 2, 16, runs=1, warmup=0, dtype="float32", threads=1)
-    assert row["method"] == B.TORCH_LABEL and row["tokens"] == 17 and row["im_s"] > 0
-    assert row["threads"] == 1
-    base = dict(r=0, method="-", tokens=17, gflops=row["gflops"], flops_speedup=1.0,
-                im_s=100.0, seconds=0.02, speedup=1.0, efficiency=1.0, compile_s=1.0,
-                merge_s=0.0, merge_share=0.0)
-    rows = B.add_torch_row([base], row)
-    assert rows[1]["flops_speedup"] == 1.0
-    assert rows[1]["speedup"] == pytest.approx(0.02 / row["seconds"])
-    assert B.format_table(rows).splitlines()[-1].endswith("| - | - | - |")
+    rows = B.benchmark("mu/4", 2, 16, [0, 2], runs=2, warmup=0, dtype=jnp.float32,
+                       merge_methods=["segment"], vs_torch=True, torch_threads=1,
+                       merge_time=False)
+    assert [r["r"] for r in rows] == [0, 2]
+    for row in rows:
+        assert len(row["torch_times"]) == 2 and row["torch_im_s"] > 0
+        assert row["vs_torch"] == pytest.approx(row["im_s"] / row["torch_im_s"])
+        assert row["mib"] > 0 and row["torch_mib"] > 0 and row["merge_s"] is None
+        assert row["torch_threads"] == 1 and row["torch_device"] == "CPU"
+    assert rows[0]["torch_speedup"] == 1.0
+    table = B.format_vs_torch(rows).splitlines()
+    assert len(table) == 4 and table[0].startswith("| r | merge method | tokens left |")
+    assert "| ours / PyTorch |" in table[0] and table[3].startswith("| 2 | segment | 15 |")
+
+
+def test_vs_torch_skips_dtem_rows():
+    pytest.importorskip("timm")
+    rows = B.benchmark("mu/4", 1, 16, [2], runs=1, warmup=0, dtype=jnp.float32,
+                       merge_methods=["segment"], metrics=["keys", "dtem"], dtem_dim=8,
+                       vs_torch=True, torch_threads=1, merge_time=False)
+    assert ["torch_im_s" in r for r in rows] == [True, False]
+    assert len(B.format_vs_torch(rows).splitlines()) == 3
+
+
+def _tiny_timm(depth: int = 3):
+    timm = pytest.importorskip("timm")
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=4,
+        num_classes=10).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # timm zero-inits the head
+    return model
+
+
+@pytest.mark.parametrize("r", [0, 8])
+def test_torch_tome_equals_our_model_and_the_numpy_reference(r):
+    """The PyTorch ToMe we time is the same model: same logits as ours (timm weights mapped)
+    and as timm's blocks with the NumPy merge, at r = 8 in each of 3 blocks of 65 tokens."""
+    import torch
+
+    model = _tiny_timm()
+    ours = ViT(variant="mu/4", depth=3, num_classes=10, r=r)
+    rs = ours.token_schedule(32)[0]
+    images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    with torch.inference_mode():
+        got = torch_reference.torch_tome_forward(
+            model, torch.from_numpy(images).permute(0, 3, 1, 2), rs).numpy()
+    want = torch_reference.timm_forward_with_tome(model, images, rs)
+    params = torch_reference.timm_to_params(model)
+    jax_logits = np.asarray(jax.jit(ours.apply)({"params": params}, images)[0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax_logits, got, rtol=1e-4, atol=1e-4)
+    assert np.abs(want).max() > 0.1  # the head is not zero: logits tell models apart
+
+
+def test_torch_match_and_merge_equal_ours():
+    pytest.importorskip("torch")
+    import torch
+
+    metric = np.random.default_rng(0).standard_normal((3, 17, 8)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((3, 17, 5)).astype(np.float32)
+    size = np.random.default_rng(2).integers(1, 4, (3, 17, 1)).astype(np.float32)
+    matching = torch_reference.torch_match(torch.from_numpy(metric), 5)
+    want = merge.match(jnp.asarray(metric), 5)
+    for got, w in zip(matching, want, strict=True):
+        np.testing.assert_array_equal(got.numpy(), np.asarray(w))
+    got_x, got_size = torch_reference.torch_merge_wavg(torch.from_numpy(x),
+                                                       torch.from_numpy(size), matching)
+    fn = lambda y, mode: merge.merge_tokens(y, want, mode)  # noqa: E731
+    want_x, want_size = merge.merge_wavg(fn, jnp.asarray(x), jnp.asarray(size))
+    np.testing.assert_allclose(got_x.numpy(), np.asarray(want_x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_size.numpy(), np.asarray(want_size))
+
+
+def test_torch_tome_bfloat16_runs():
+    pytest.importorskip("timm")
+    call = B.torch_tome("mu/4", 2, 16, jnp.bfloat16, [2], threads=1)
+    out = call()
+    assert out.shape == (2, 1000) and str(out.dtype) == "torch.bfloat16"
+    assert call.threads == 1 and call.device == "CPU" and call.peak_bytes() > 0
+
+
+def test_torch_peak_bytes_counts_live_tensors_once():
+    torch = pytest.importorskip("torch")
+
+    def call():
+        a = torch.ones(1000)  # 4000 bytes
+        b = a.view(10, 100)  # a view: no new storage
+        c = b * 2  # 4000 more, a and c alive together
+        del a, b
+        d = c + 1  # a was freed: c and d, 8000
+        return d.sum()  # 4 more while c and d are alive
+
+    assert B.torch_peak_bytes(call) == 8004
+
+
+def test_train_rows_and_table():
+    rows = B.benchmark_train("mu/4", 2, 16, [0, 2], runs=1, warmup=0, dtype=jnp.float32)
+    assert [r["tokens"] for r in rows] == [17, 15]
+    for row in rows:
+        assert row["im_s"] > 0 and row["compile_s"] > 0 and row["total_mib"] > row["mib"] > 0
+    table = B.format_train(rows).splitlines()
+    assert table[0].startswith("| r | tokens left |") and table[3].startswith("| 2 | 15 |")
+
+
+def test_time_calls_round_robin_and_xla_memory():
+    order = []
+    times = timing.time_calls([lambda: order.append("a"), lambda: order.append("b")], runs=2,
+                              warmup=1)
+    assert order == ["a", "b"] * 3 and [len(t) for t in times] == [2, 2]
+    compiled, _ = timing.compile_and_time(lambda x: jnp.tanh(x) @ x.T, (jnp.ones((64, 32)),))
+    memory = timing.xla_memory(compiled)
+    assert memory.argument == 64 * 32 * 4 and memory.output == 64 * 64 * 4
+    assert memory.total == memory.argument + memory.working
+    assert memory.working == memory.output + memory.temp - memory.alias
+    (t,) = timing.time_interleaved([lambda x: x + 1], (jnp.ones(3),), runs=2)
+    assert t.memory is not None and len(t.times) == 2
 
 
 def test_timm_names():
@@ -73,10 +186,15 @@ def test_timm_names():
 
 
 def _fake_rows(variant, batch, resolution, schedules, runs, warmup, dtype, methods,
-               metrics=("keys",), dtem_dim=None):
+               metrics=("keys",), dtem_dim=None, *, vs_torch=False, torch_threads=None,
+               merge_time=True):
     row = dict(r=0, method="-", tokens=17, gflops=1.0, flops_speedup=1.0, im_s=float(batch),
                seconds=1.0, speedup=1.0, efficiency=1.0, compile_s=0.5, merge_s=0.0,
-               merge_share=0.0, dtype=dtype)
+               merge_share=0.0, dtype=dtype, mib=1.0)
+    if vs_torch:
+        assert not merge_time
+        row.update(torch_im_s=2.0 * batch, vs_torch=0.5, torch_speedup=1.0, torch_mib=2.0,
+                   torch_threads=torch_threads, torch_version="torch x", torch_device="CPU")
     return [row]
 
 
@@ -93,20 +211,38 @@ def test_cli_one_table_per_batch_and_dtype(monkeypatch, capsys):
 
 
 def test_cli_vs_torch(monkeypatch, capsys):
-    pytest.importorskip("timm")
     monkeypatch.setattr(B, "benchmark", _fake_rows)
-    cli.main(["--variant", "mu/4", "--image-size", "16", "--batch-size", "2", "--runs", "1",
-            "--vs-torch", "--torch-threads", "1"])
+    cli.main(["--case", "mu/4:2", "S/16:32", "--image-size", "16", "--runs", "1",
+              "--vs-torch", "--torch-threads", "1"])
     out = capsys.readouterr().out
-    assert f"| 0 | {B.TORCH_LABEL} | - | 17 |" in out and "1 threads, CPU" in out
+    headers = [line for line in out.splitlines() if line.startswith("ViT-")]
+    assert [h.split(", ")[:2] for h in headers] == [["ViT-mu/4 @ 16px", "batch 2"],
+                                                   ["ViT-S/16 @ 16px", "batch 32"]]
+    assert "| 0 | - | 17 | 1.00 | 1.00x | 2.00 | 4.00 | 0.50x |" in out
+    assert "torch x, eager, CPU, 1 threads" in out
+
+
+def test_cli_train(monkeypatch, capsys):
+    seen = {}
+
+    def fake_train(variant, batch, resolution, schedules, runs, warmup, dtype):
+        seen.update(variant=variant, batch=batch, schedules=schedules)
+        return [dict(r=0, tokens=17, gflops=1.0, flops_speedup=1.0, im_s=2.0, speedup=1.0,
+                     efficiency=1.0, compile_s=0.5, mib=3.0, total_mib=5.0)]
+
+    monkeypatch.setattr(B, "benchmark_train", fake_train)
+    cli.main(["--variant", "mu/4", "--batch-size", "2", "--r", "0", "16", "--train"])
+    out = capsys.readouterr().out
+    assert seen == dict(variant="mu/4", batch=2, schedules=[0, 16])
+    assert "training step" in out and "| 0 | 17 | 1.00 | 1.00x | 2.00 | 1.00x |" in out
 
 
 def test_cli_defaults_unchanged(monkeypatch):
     """`python -m eval.benchmark` with no arguments still runs the README's job."""
     seen = {}
 
-    def fake_benchmark(*args):
-        seen["args"] = args
+    def fake_benchmark(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
         raise SystemExit(0)
 
     monkeypatch.setattr(B, "benchmark", fake_benchmark)
@@ -117,12 +253,17 @@ def test_cli_defaults_unchanged(monkeypatch):
     assert (variant, batch, resolution, runs, warmup, dtype, methods, metrics, dim) == (
         "B/16", 8, 224, 7, 2, jnp.float32, ["segment"], ["keys"], None)
     assert schedules == [0, 8, 13, 16, (16, -1.0)]
+    assert seen["kwargs"] == dict(vs_torch=False, torch_threads=None, merge_time=True)
 
 
 def test_bad_cli_input(capsys):
     for argv, message in ((["--batch-size", "0"], "must be positive"),
                           (["--dtype", "float16"], "invalid choice"),
-                          (["--merge-method", "nope"], "invalid choice")):
+                          (["--merge-method", "nope"], "invalid choice"),
+                          (["--case", "B/16"], "expected VARIANT:BATCH"),
+                          (["--case", "B/16:0"], "expected VARIANT:BATCH"),
+                          (["--attention", "flash"], "invalid choice"),
+                          (["--train", "--vs-torch"], "do not go together")):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert message in capsys.readouterr().err

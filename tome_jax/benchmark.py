@@ -8,15 +8,26 @@ One row per (schedule, merge method, metric): tokens left, GFLOPs (2 x MACs), th
 speed-up, measured images/s (median of the timed runs, rows interleaved so machine noise hits
 them alike), compile time apart, the measured speed-up over the first row, and the time spent
 in matching and merging (each block's merge step timed on its own shapes). Random weights:
-speed does not depend on their values. `benchmark_torch` times timm's PyTorch ViT of the same
-variant for a reference row.
+speed does not depend on their values.
+
+    rows = benchmark("B/16", 8, 224, [0, 8, 16], 7, 2, jnp.float32, ["segment"], vs_torch=True)
+    print(format_vs_torch(rows))
+    print(format_train(benchmark_train("B/16", 8, 224, [0, 16], 5, 1, jnp.float32)))
+
+vs_torch times a PyTorch ToMe at every r in the same round robin (timm's blocks with this
+repository's merge in torch ops, `torch_reference.torch_tome_forward`), so each row carries
+both speeds and their ratio. Memory: XLA's buffer plan of the compiled forward
+(`timing.Memory`: what a call allocates on top of its inputs) and, for torch, the peak bytes of
+tensors alive at once during one forward (`torch_peak_bytes`); neither counts the weights or
+the input images.
+`benchmark_train` times the project's training step (`tome_jax.training.step`) per r.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -26,12 +37,21 @@ from tome_jax import dtem
 from tome_jax import merge as tome
 from tome_jax.schedule import Schedule
 from tome_jax.tables import markdown_table
-from tome_jax.timing import forward, num_cores, time_interleaved
+from tome_jax.timing import (
+    compile_and_time,
+    forward,
+    num_cores,
+    time_calls,
+    time_interleaved,
+    time_once,
+    xla_memory,
+)
 from tome_jax.variants import decode_variant
 from tome_jax.vit import ViT
 
 METRICS = ("keys", "dtem", "dtem-fused")
-TORCH_LABEL = "timm (PyTorch)"
+TORCH_LABEL = "PyTorch ToMe"
+MIB = 2 ** 20
 HEADER = ("r", "merge method", "metric", "tokens left", "GFLOPs", "FLOPs-limit speed-up", "im/s",
           "measured speed-up", "measured / limit", "compile s", "merge ms", "merge % of forward")
 
@@ -94,13 +114,18 @@ def _add_speedups(rows: list[dict], batch: int) -> None:
 
 def benchmark(variant: str, batch: int, resolution: int, schedules: Sequence[Schedule],
               runs: int, warmup: int, dtype: Any, merge_methods: Sequence[str],
-              metrics: Sequence[str] = ("keys",), dtem_dim: int | None = None) -> list[dict]:
+              metrics: Sequence[str] = ("keys",), dtem_dim: int | None = None, *,
+              vs_torch: bool = False, torch_threads: int | None = None,
+              merge_time: bool = True) -> list[dict]:
     """Measures every (schedule, merge method, metric); returns the table's rows.
 
     Images [batch, resolution, resolution, 3] in dtype. The first schedule is the baseline of
     the speed-ups. Schedules that merge nothing are measured once, whatever the method.
     metrics: what matching runs on: "keys" (ToMe), "dtem" (a DTEM embedding of width dtem_dim,
     its own matmul) or "dtem-fused" (the same embedding computed in the q/k/v matmul).
+    vs_torch: also time the PyTorch ToMe (`torch_tome`) at each row's r, in the same round
+    robin, with torch_threads threads (default `num_cores()`); keys rows only.
+    merge_time: also time each block's merge step on its own (`merge_step_seconds`).
     """
     if any(m != "keys" for m in metrics):
         dims = decode_variant(variant)
@@ -112,64 +137,219 @@ def benchmark(variant: str, batch: int, resolution: int, schedules: Sequence[Sch
 
     rows = _plan_rows(base, resolution, schedules, merge_methods, metrics)
     models = [_row_model(base, row, merge_methods, dtem_dim) for row in rows]
-    timings = time_interleaved([forward(m) for m in models], (params, images), runs, warmup)
-    for row, model, timing in zip(rows, models, timings, strict=True):
+    torch_calls = {}
+    if vs_torch:
+        torch_calls = {i: torch_tome(variant, batch, resolution, dtype,
+                                     models[i].token_schedule(resolution)[0], torch_threads)
+                       for i, row in enumerate(rows) if row["metric"] == "keys"}
+    compiled = []
+    for row, model in zip(rows, models, strict=True):
+        c, seconds = compile_and_time(forward(model), (params, images))
+        for _ in range(warmup):
+            time_once(c, (params, images))
+        compiled.append(c)
+        memory = xla_memory(c)
         row.update(tokens=model.token_schedule(resolution)[1][-1],
-                   gflops=model.flops(resolution) / 1e9, compile_s=timing.compile_s,
-                   times=timing.times)
+                   gflops=model.flops(resolution) / 1e9, compile_s=seconds,
+                   mib=None if memory is None else memory.working / MIB)
+    for call in torch_calls.values():
+        call.warm_up(warmup)
+    calls, slots = [], []
+    for i, c in enumerate(compiled):  # each JAX row next to its torch twin
+        calls.append(lambda c=c: jax.block_until_ready(c(params, images)))
+        slots.append((i, "times"))
+        if i in torch_calls:
+            calls.append(torch_calls[i])
+            slots.append((i, "torch_times"))
+    for (i, key), times in zip(slots, time_calls(calls, runs), strict=True):
+        rows[i][key] = times
     _add_speedups(rows, batch)
+    for i, call in torch_calls.items():
+        _add_torch(rows[i], rows[min(torch_calls)], batch, call)
     for row in rows:
         model = base.clone(r=row["r"])
+        measure = merge_time and row["method"] != "-"
         row["merge_s"] = (merge_step_seconds(model, batch, resolution, runs, row["method"])
-                          if row["method"] != "-" else 0.0)
-        row["merge_share"] = row["merge_s"] / row["seconds"]
+                          if measure else (0.0 if merge_time else None))
+        row["merge_share"] = None if row["merge_s"] is None else row["merge_s"] / row["seconds"]
     return rows
 
 
-def benchmark_torch(variant: str, batch: int, resolution: int, runs: int, warmup: int,
-                    dtype: str, threads: int | None = None) -> dict:
-    """Median forward seconds of timm's ViT at r = 0 on the CPU; a row for `format_table`.
+def _add_torch(row: dict, base: dict, batch: int, call: TorchToMe) -> None:
+    """Fills a row's torch fields from its torch_times; base: the first row with a torch twin."""
+    row["torch_seconds"] = statistics.median(row["torch_times"])
+    row["torch_im_s"] = batch / row["torch_seconds"]
+    row["vs_torch"] = row["im_s"] / row["torch_im_s"]
+    row["torch_speedup"] = statistics.median(base["torch_times"]) / row["torch_seconds"]
+    row["torch_mib"] = call.peak_bytes() / MIB
+    row["torch_threads"], row["torch_version"] = call.threads, call.version
+    row["torch_device"] = call.device
 
-    images [batch, 3, resolution, resolution] in `dtype` ("float32" or "bfloat16"); threads
-    defaults to `num_cores()`. The row's speed-ups are filled in by `add_torch_row`.
+
+class TorchToMe:
+    """One forward of the PyTorch ToMe on fixed random images: call() runs it (eager,
+    `torch.inference_mode`) and returns when done.
+
+    model: timm's ViT (`torch_reference.timm_vit`), images [B, 3, H, W] on the model's device,
+    rs the clamped r of every block (`ViT.token_schedule`).
     """
+
+    def __init__(self, model: Any, images: Any, rs: Sequence[int]):
+        import torch
+
+        self.model, self.images, self.rs = model, images, list(rs)
+        self.cuda = images.is_cuda
+        self.threads, self.version = torch.get_num_threads(), f"torch {torch.__version__}"
+        self.device = torch.cuda.get_device_name() if self.cuda else "CPU"
+
+    def __call__(self) -> Any:
+        import torch
+
+        from tome_jax.torch_reference import torch_tome_forward
+
+        with torch.inference_mode():
+            out = torch_tome_forward(self.model, self.images, self.rs)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return out
+
+    def warm_up(self, calls: int, seconds: float = 1.0) -> None:
+        """At least `calls` calls and `seconds`: right after JAX has run in this process,
+        torch's first calls are 10-100x slower (thread pools, oneDNN kernels)."""
+        import time
+
+        start, done = time.perf_counter(), 0
+        while done < calls or (time.perf_counter() - start < seconds and done < 100):
+            self()
+            done += 1
+
+    def peak_bytes(self) -> int:
+        """Peak bytes one call adds to what is allocated already: torch's CUDA allocator
+        statistics on a GPU, `torch_peak_bytes` on the CPU."""
+        import torch
+
+        if not self.cuda:
+            return torch_peak_bytes(self)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self()
+        return torch.cuda.max_memory_allocated() - before
+
+
+def torch_tome(variant: str, batch: int, resolution: int, dtype: Any, rs: Sequence[int],
+               threads: int | None = None) -> TorchToMe:
+    """A `TorchToMe` of timm's `variant` (random weights) in dtype ("float32", "bfloat16" or
+    the jnp dtype) on images [batch, 3, resolution, resolution]; on the GPU when JAX runs on
+    one and torch sees CUDA, else on the CPU with `threads` intra-op threads (default
+    `num_cores()`)."""
     import torch
 
     from tome_jax.torch_reference import timm_vit
 
     torch.set_num_threads(threads or num_cores())
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[str(dtype)]
-    model = timm_vit(variant, resolution).eval().to(torch_dtype)
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[jnp.dtype(dtype).name]
+    torch.manual_seed(0)
+    model = timm_vit(variant, resolution).eval().to(device=device, dtype=torch_dtype)
     images = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator()
-                         .manual_seed(0)).to(torch_dtype)
-
-    def once() -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model(images)
-        return time.perf_counter() - start
-
-    # Warm up for at least `warmup` calls and a second: right after JAX has run in this
-    # process, torch's first few calls are 10-100x slower (thread pools, oneDNN kernels).
-    start, calls = time.perf_counter(), 0
-    while calls < warmup or (time.perf_counter() - start < 1.0 and calls < 100):
-        once()
-        calls += 1
-    seconds = statistics.median(once() for _ in range(runs))
-    base = ViT(variant=variant, num_classes=1000)
-    return dict(r=0, method=TORCH_LABEL, metric="-", tokens=base.token_schedule(resolution)[1][-1],
-                gflops=base.flops(resolution) / 1e9, compile_s=None, seconds=seconds,
-                im_s=batch / seconds, merge_s=None, merge_share=None,
-                threads=torch.get_num_threads(), version=f"torch {torch.__version__}")
+                         .manual_seed(0)).to(device=device, dtype=torch_dtype)
+    return TorchToMe(model, images, rs)
 
 
-def add_torch_row(rows: list[dict], torch_row: dict) -> list[dict]:
-    """rows + the timm row, its speed-ups against rows[0] (the JAX baseline)."""
-    base = rows[0]
-    torch_row = dict(torch_row, flops_speedup=base["gflops"] / torch_row["gflops"],
-                     speedup=base["seconds"] / torch_row["seconds"])
-    torch_row["efficiency"] = torch_row["speedup"] / torch_row["flops_speedup"]
-    return rows + [torch_row]
+def torch_peak_bytes(call: Callable[[], Any]) -> int:
+    """Peak bytes of torch tensors alive at once while call() runs, counting only those its
+    operations create (so not the weights or inputs); each storage once, however many views.
+
+    Tracked with a TorchDispatchMode: every operator's outputs are counted when created and
+    released when their last Python reference dies; workspace a kernel allocates and frees
+    internally is not seen.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self.refs: dict[int, int] = {}
+
+        def _release(self, key: int, nbytes: int) -> None:
+            self.refs[key] -= 1
+            if not self.refs[key]:
+                del self.refs[key]
+                self.live -= nbytes
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if hasattr(t, "untyped_storage"):
+                    storage = t.untyped_storage()
+                    key, nbytes = storage.data_ptr(), storage.nbytes()
+                    if key not in self.refs:
+                        self.refs[key] = 0
+                        self.live += nbytes
+                        self.peak = max(self.peak, self.live)
+                    self.refs[key] += 1
+                    weakref.finalize(t, self._release, key, nbytes)
+            return out
+
+    tracker = LiveBytes()
+    with tracker:
+        call()
+    return tracker.peak
+
+
+TRAIN_HEADER = ("r", "tokens left", "GFLOPs", "FLOPs-limit speed-up", "im/s", "measured speed-up",
+                "measured / limit", "compile s", "MiB", "MiB with inputs")
+
+
+def benchmark_train(variant: str, batch: int, resolution: int, schedules: Sequence[Schedule],
+                    runs: int, warmup: int, dtype: Any) -> list[dict]:
+    """Training-step speed per schedule: the project's step (`training.step.make_train_step`:
+    AdamW, clipping, label smoothing, drop path 0.1) on random images and labels, 1000 classes.
+
+    Rows as `benchmark`'s (im/s = images trained per second, speed-ups against the first
+    schedule, GFLOPs of the forward: the backward scales with it), plus XLA's memory plan of the
+    step: mib (what a step allocates on top of its inputs: the new state, the activations kept
+    for the backward, gradients, temporaries) and total_mib (with the inputs: parameters,
+    optimizer state and batch).
+    """
+    from tome_jax.training.config import Config
+    from tome_jax.training.optim import make_optimizer
+    from tome_jax.training.state import init_state
+    from tome_jax.training.step import make_train_step
+
+    cfg = Config(variant=variant, num_classes=1000, image_size=resolution, batch_size=batch,
+                 dtype=jnp.dtype(dtype).name)
+    base = ViT(variant=variant, num_classes=1000, dtype=dtype, drop_path=cfg.drop_path)
+    images = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3), dtype)
+    labels = jax.random.randint(jax.random.key(1), (batch,), 0, 1000)
+    params = jax.eval_shape(base.init, jax.random.key(2), images[:1])["params"]
+    tx = make_optimizer(cfg, params)
+    state = init_state(cfg, base, tx)
+    models = [base.clone(r=r) for r in schedules]
+    timings = time_interleaved([make_train_step(m, tx, cfg) for m in models],
+                               (state, {"image": images, "label": labels}), runs, warmup)
+    rows = []
+    for r, model, timing in zip(schedules, models, timings, strict=True):
+        memory = timing.memory
+        rows.append(dict(r=r, tokens=model.token_schedule(resolution)[1][-1],
+                         gflops=model.flops(resolution) / 1e9, compile_s=timing.compile_s,
+                         times=timing.times,
+                         mib=None if memory is None else memory.working / MIB,
+                         total_mib=None if memory is None else memory.total / MIB))
+    _add_speedups(rows, batch)
+    return rows
+
+
+def format_train(rows: list[dict]) -> str:
+    """`benchmark_train`'s rows as a Markdown table."""
+    return markdown_table(TRAIN_HEADER, [
+        [str(row["r"]), str(row["tokens"]), f"{row['gflops']:.2f}", f"{row['flops_speedup']:.2f}x",
+         f"{row['im_s']:.2f}", f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}",
+         f"{row['compile_s']:.1f}", _opt(row["mib"], 1, ".0f"), _opt(row["total_mib"], 1, ".0f")]
+        for row in rows])
 
 
 def _opt(value: float | None, scale: float, spec: str, suffix: str = "") -> str:
@@ -188,3 +368,21 @@ def _cells(row: dict) -> list[str]:
 def format_table(rows: list[dict]) -> str:
     """The rows as a Markdown table, one line per row."""
     return markdown_table(HEADER, [_cells(row) for row in rows])
+
+
+VS_TORCH_HEADER = ("r", "merge method", "tokens left", "GFLOPs", "FLOPs-limit speed-up", "im/s",
+                   f"{TORCH_LABEL} im/s", "ours / PyTorch", "speed-up", "speed-up / limit",
+                   "PyTorch speed-up", "compile s", "MiB", "PyTorch MiB")
+
+
+def format_vs_torch(rows: list[dict]) -> str:
+    """Rows of `benchmark(..., vs_torch=True)` with a torch twin as a Markdown table: both
+    speeds, their ratio, each side's speed-up over the first row, ours against the FLOPs
+    limit, our compile time and both sides' memory (see the module docstring)."""
+    return markdown_table(VS_TORCH_HEADER, [
+        [str(row["r"]), row["method"], str(row["tokens"]), f"{row['gflops']:.2f}",
+         f"{row['flops_speedup']:.2f}x", f"{row['im_s']:.2f}", f"{row['torch_im_s']:.2f}",
+         f"{row['vs_torch']:.2f}x", f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}",
+         f"{row['torch_speedup']:.2f}x", f"{row['compile_s']:.1f}", _opt(row["mib"], 1, ".0f"),
+         f"{row['torch_mib']:.0f}"]
+        for row in rows if "torch_im_s" in row])

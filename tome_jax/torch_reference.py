@@ -1,8 +1,15 @@
 """PyTorch/timm counterparts of our ViT: the same weights in timm, timm's blocks with ToMe
-inserted (an independent reference of the merged model), and timm's ViT of a variant.
+inserted (an independent reference of the merged model), a fast PyTorch ToMe to time against,
+and timm's ViT of a variant.
 
     params = timm_to_params(timm_model)                           # timm weights -> our tree
     want = timm_forward_with_tome(timm_model, images_nhwc, rs)    # [B, classes] numpy logits
+    logits = torch_tome_forward(timm_model, images_nchw, rs)      # torch tensors throughout
+
+`timm_forward_with_tome` merges with the NumPy reference, one image at a time (slow, obviously
+right); `torch_tome_forward` is the same model in batched torch ops for timing: the bipartite
+matching and the size-weighted merge as tensor ops (sort, gather, scatter-add), proportional
+attention as the bias of `scaled_dot_product_attention`.
 
 torch and timm (the `test` extras) are imported inside the functions, so importing tome_jax
 never needs them.
@@ -131,3 +138,72 @@ def timm_vit(variant: str, resolution: int, num_classes: int = 1000) -> Any:
     return VisionTransformer(img_size=resolution, patch_size=dims.patch_size,
                              embed_dim=dims.width, depth=dims.depth, num_heads=dims.num_heads,
                              mlp_ratio=dims.mlp_dim / dims.width, num_classes=num_classes)
+
+
+def torch_match(metric: Any, r: int, class_token: bool = True) -> tuple[Any, Any, Any]:
+    """`tome_jax.merge.match` in torch: metric [B, T, C] -> (unm_idx [B, Ta - r], src_idx
+    [B, r], dst_idx [B, r]) int64, the same pairs (ties broken alike)."""
+    import torch
+
+    metric = metric.float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    node_max, node_idx = scores.max(dim=-1)
+    if class_token:
+        node_max[:, 0] = -torch.inf
+    edge_idx = torch.argsort(node_max, dim=-1, descending=True, stable=True)
+    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    if class_token:
+        unm_idx = unm_idx.sort(dim=-1).values
+    return unm_idx, src_idx, node_idx.gather(1, src_idx)
+
+
+def torch_merge_wavg(x: Any, size: Any, matching: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+    """`tome_jax.merge.merge_wavg` in torch: x [B, T, C], size [B, T, 1] float32 ->
+    ([B, T - r, C] in x's dtype, [B, T - r, 1]); x * size and size travel together, averaged
+    in float32."""
+    import torch
+
+    unm_idx, src_idx, dst_idx = matching
+    weighted = torch.cat([x.float() * size, size], dim=-1)
+    channels = weighted.shape[-1]
+    a, b = weighted[:, ::2], weighted[:, 1::2]
+
+    def rows(idx: Any) -> Any:
+        return idx[..., None].expand(-1, -1, channels)
+
+    src = a.gather(1, rows(src_idx))
+    merged = torch.cat([a.gather(1, rows(unm_idx)), b.scatter_add(1, rows(dst_idx), src)], 1)
+    size = merged[..., -1:]
+    return (merged[..., :-1] / size).to(x.dtype), size
+
+
+def _torch_tome_block(block: Any, x: Any, size: Any, r: int) -> tuple[Any, Any]:
+    """One timm Block with proportional attention and a merge of r tokens after attention."""
+    import torch
+    import torch.nn.functional as F
+
+    attn = block.attn
+    y = block.norm1(x)
+    batch, tokens, _ = y.shape
+    qkv = attn.qkv(y).reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    x = x + block.ls1(attn.proj(y.transpose(1, 2).reshape(batch, tokens, -1)))
+    if r:
+        if size is None:
+            size = x.new_ones(batch, tokens, 1, dtype=torch.float32)
+        x, size = torch_merge_wavg(x, size, torch_match(k.mean(1), r))
+    return x + block.ls2(block.mlp(block.norm2(x))), size
+
+
+def torch_tome_forward(model: Any, images: Any, rs: list[int]) -> Any:
+    """timm's VisionTransformer (class token, eval mode) with ToMe: images [B, 3, H, W] ->
+    logits [B, classes], r = rs[i] tokens merged in block i (already clamped, as
+    `ViT.token_schedule` gives them). Call it under `torch.inference_mode()` to time it."""
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    size = None
+    for block, r in zip(model.blocks, rs, strict=True):
+        x, size = _torch_tome_block(block, x, size, r)
+    return model.forward_head(model.norm(x))

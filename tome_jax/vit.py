@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tome_jax import dtem, merge, reduce
+from tome_jax import attention, dtem, merge, reduce
 from tome_jax import schedule as sched
 from tome_jax.reduce import STRATEGIES, MergeConfig, Tokens
 from tome_jax.variants import ViTSize, decode_variant
@@ -66,8 +66,9 @@ class Attended(NamedTuple):
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           bias: jax.Array | None) -> jax.Array:
-    """q, k, v [B, T, H, D/H], bias [B, 1, 1, T] or None -> [B, T, H, D/H]."""
-    return jax.nn.dot_product_attention(q, k, v, bias=bias)
+    """q, k, v [B, T, H, D/H], bias [B, 1, 1, T] or None -> [B, T, H, D/H]; the implementation
+    that suits the backend (`tome_jax.attention.choose`), or the one `attention.use` sets."""
+    return attention.dot_product_attention(q, k, v, bias)
 
 
 def class_token_attention(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Array:
