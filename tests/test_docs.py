@@ -92,21 +92,45 @@ def _links(path: Path) -> list[str]:
 
 
 def _is_relative(target: str) -> bool:
-    return not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) and \
-        not target.startswith("#")
+    """A link inside the repository: no URL scheme (an in-page #anchor counts)."""
+    return not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE)
+
+
+def _anchors(path: Path) -> set[str]:
+    """The heading anchors GitHub gives a Markdown page (lower case, punctuation dropped,
+    spaces to hyphens, repeats numbered)."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", text, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_relative_links_point_at_files(page):
     missing = []
     for target in filter(_is_relative, _links(page)):
-        path = target.split("#", 1)[0]
-        if path and not (page.parent / path).exists():
+        path, _, anchor = target.partition("#")
+        dest = page.parent / path if path else page
+        if not dest.exists():
             missing.append(target)
-    assert missing == [], f"{_rel(page)} links to missing files: {missing}"
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            missing.append(f"{target} (no such heading)")
+    assert missing == [], f"{_rel(page)} links to missing files or headings: {missing}"
+
+
+def test_anchors_follow_github():
+    page = ROOT / "docs" / "workflows" / "evaluate.md"
+    assert {"the-r-syntax", "datasets---data---data-dir---split"} <= _anchors(page)
 
 
 def test_link_pattern_finds_links():
     page_text = "see [a](docs/x.md#y), ![img](fig.png) and [web](https://x.org/a)"
     assert LINK.findall(page_text) == ["docs/x.md#y", "fig.png", "https://x.org/a"]
     assert [t for t in LINK.findall(page_text) if _is_relative(t)] == ["docs/x.md#y", "fig.png"]
+    assert _is_relative("#results") and not _is_relative("mailto:a@b.c")
