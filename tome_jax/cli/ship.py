@@ -5,9 +5,9 @@
 Writes the layout of `tome_jax.checkpoint` (params.msgpack + config.json), which every
 eval/vis/export command and `init_from` read. Prints {"out", "step"} as JSON. Checkpoints are
 checked as training checks them; an unusable one is skipped with one warning line (nothing in
-the workdir is moved), and the libraries' logs go to WORKDIR/ship.log. Errors are one `error:`
-line: exit 2 for bad input or no usable checkpoint, exit 1 when a file could not be
-read or written (a full disk).
+the workdir is moved), and the libraries' logs go to WORKDIR/ship.log. WORKDIR and OUT may be
+object-store URLs (gs://bucket/run). Errors are one `PROG: error:` line: exit 2 for bad input
+or no usable checkpoint, exit 1 when a file could not be read or written (a full disk).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ship(args: argparse.Namespace, prog: str) -> None:
-    from pathlib import Path
-
     from tome_jax.training.messages import library_logs, one_line_warnings
-    from tome_jax.training.ship import LOG_FILE, ship
+    from tome_jax.training.ship import log_path, ship
 
-    with library_logs(Path(args.workdir) / LOG_FILE, args.whole_process), one_line_warnings():
+    # A gs:// workdir's log is written locally (a FileHandler cannot write to a bucket), then
+    # copied into the workdir by `ship`.
+    with library_logs(log_path(args.workdir), args.whole_process), one_line_warnings():
         try:
             out, step = ship(args.workdir, args.out)
         except OSError as err:

@@ -115,9 +115,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str]) -> Config:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The JSON object of a config file; ValueError naming the file for anything else."""
+    """The JSON object of a config file (a local path or an object-store URL, gs://...);
+    ValueError naming the file for anything else."""
+    from tome_jax.storage import as_path
+
     try:
-        data = Path(path).read_bytes()
+        data = as_path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found") from None
     except OSError as err:

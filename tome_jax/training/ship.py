@@ -3,13 +3,12 @@
     out, step = ship("runs/cifar10", "models/cifar10_vit")
     model, params, info = load_model(out)
 
-Either may be an object-store URL (gs://bucket/run); ship.log then stays local (see
-`training.loop.log_path`).
+Either may be an object-store URL (gs://bucket/run); ship.log is then written locally (see
+`log_path`) and copied into the workdir at the end, as training does with train.log.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from tome_jax.params import flatten
 from tome_jax.storage import AnyPath, as_path, is_remote, local_log_dir
 from tome_jax.training.checkpoints import Checkpoints
 from tome_jax.training.config import Config, load_config
+from tome_jax.training.loop import upload_log
 from tome_jax.training.messages import library_logs_to
 from tome_jax.training.state import abstract_train_state, make_model
 from tome_jax.vit import ViT
@@ -46,6 +46,18 @@ def model_config(cfg: Config) -> dict[str, Any]:
 LOG_FILE = "ship.log"  # orbax's logs while reading the checkpoints
 
 
+def log_path(workdir: str | Path) -> Path:
+    """Where shipping sends the libraries' logs: WORKDIR/ship.log, or for an object-store
+    workdir (a `logging.FileHandler` writes local files only) the same name in
+    `storage.local_log_dir(workdir)`, which this creates."""
+    workdir = as_path(workdir)
+    if not is_remote(workdir):
+        return workdir / LOG_FILE
+    logs = local_log_dir(workdir)
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / LOG_FILE
+
+
 def ship(workdir: str | Path, out: str | Path) -> tuple[AnyPath, int]:
     """Writes `out` from the newest usable checkpoint of `workdir`; returns (out, step).
 
@@ -57,34 +69,25 @@ def ship(workdir: str | Path, out: str | Path) -> tuple[AnyPath, int]:
     workdir = as_path(workdir)
     if not (workdir / "config.json").is_file():
         raise FileNotFoundError(f"{workdir} is not a training workdir: it has no config.json")
-    cfg = _load_run_config(workdir)
-    logs = workdir
-    if is_remote(workdir):  # a logging.FileHandler writes local files only
-        logs = local_log_dir(workdir)
-        logs.mkdir(parents=True, exist_ok=True)
-    with library_logs_to(logs / LOG_FILE):
-        ckpts = Checkpoints(workdir, read_only=True)
-        try:
-            if not ckpts.steps():
-                raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
-            # Into this process's devices, whatever device count the run was trained on.
-            _, _, abstract, _ = abstract_train_state(cfg, sharding.batch_mesh())
-            step, state = ckpts.restore(abstract)  # never None: CheckpointsUnusable instead
-        finally:
-            ckpts.close()
+    cfg = load_config(workdir / "config.json", [])
+    log = log_path(workdir)
+    try:
+        with library_logs_to(log):
+            ckpts = Checkpoints(workdir, read_only=True)
+            try:
+                if not ckpts.steps():
+                    raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
+                # Into this process's devices, whatever device count the run was trained on.
+                _, _, abstract, _ = abstract_train_state(cfg, sharding.batch_mesh())
+                step, state = ckpts.restore(abstract)  # never None: CheckpointsUnusable instead
+            finally:
+                ckpts.close()
+    finally:
+        if is_remote(workdir):
+            upload_log(log, workdir / LOG_FILE)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(state["params"]).items()}
     source = f"train/train.py, {workdir.name} step {step} of {cfg.steps}"
     out = save_model(out, flat, model_config(cfg), image_size=(cfg.image_size,) * 2,
                      normalization=cfg.normalization, source=source)
     return out, step
 
-
-def _load_run_config(workdir: AnyPath) -> Config:
-    """WORKDIR/config.json as a Config (`load_config` reads local files: a remote one is
-    read through a local copy)."""
-    if not is_remote(workdir):
-        return load_config(workdir / "config.json", [])
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp, "config.json")
-        local.write_bytes((workdir / "config.json").read_bytes())
-        return load_config(local, [])
