@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "models" / "cifar10_vit"
 SHIPPED_IMAGES = REPO / "data" / "cifar10-test-1000" / "test"
 ENOSPC = os.strerror(errno.ENOSPC)  # "No space left on device"
+PROG = "python -m tome_jax.convert"  # convert_main called directly, not under tome-jax
 
 
 def at(path) -> str:
@@ -136,7 +137,8 @@ def test_convert_to_a_full_tmpfs(tmp_path, tiny_tmpfs, capsys):
     assert convert_main([str(src), str(dst)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert one_line(err) == f"error: cannot write {dst}: {ENOSPC} (nothing was written there)"
+    assert one_line(err) == (
+        f"{PROG}: error: cannot write {dst}: {ENOSPC} (nothing was written there)")
     assert list(tiny_tmpfs.iterdir()) == []
     # Direct library call: a CheckpointError that is also the OSError it was.
     with pytest.raises(OSError, match=f"^cannot write {at(dst)}: {ENOSPC}"):
@@ -147,7 +149,7 @@ def test_convert_to_a_full_disk_injected(tmp_path, disk_full, capsys):
     src = _shipped_as_npz(tmp_path / "shipped.npz")
     assert convert_main([str(src), str(tmp_path / "m")]) == 2
     assert one_line(capsys.readouterr().err) == (
-        f"error: cannot write {tmp_path / 'm'}: {ENOSPC} (nothing was written there)")
+        f"{PROG}: error: cannot write {tmp_path / 'm'}: {ENOSPC} (nothing was written there)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shipped.npz"]
 
 
@@ -235,7 +237,7 @@ def test_convert_errors_name_the_file(tmp_path, capsys):
         dst = tmp_path / f"out_{src.stem}"
         assert convert_main([str(src), str(dst)]) == 2
         out, err = capsys.readouterr()
-        assert out == "" and one_line(err) == f"error: {message}"
+        assert out == "" and one_line(err) == f"{PROG}: error: {message}"
         assert not dst.exists()
 
 

@@ -569,7 +569,8 @@ def test_cli_main_in_process(tmp_path, tiny_checkpoint, capsys):
     capsys.readouterr()
     assert convert_main([str(path), str(tmp_path / "bad"), "--variant", "B/16"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith(f"error: {path}: shape mismatch")
+    assert out == "" and err.startswith(
+        f"python -m tome_jax.convert: error: {path}: shape mismatch")
     assert err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
 
