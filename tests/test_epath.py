@@ -302,3 +302,76 @@ def test_train_resume_and_ship_on_a_bucket(bucket, folder, tmp_path):
     for name, value in flatten(params).items():
         np.testing.assert_array_equal(np.asarray(value),
                                       np.asarray(flatten(resumed["params"])[name]))
+
+
+def test_cli_outputs_on_a_bucket(bucket, folder, tmp_path, capsys):
+    """sweep, table, plots and convert called as commands (main(argv)) write to gs:// URLs."""
+    from tome_jax.cli import convert as convert_cli
+    from tome_jax.cli import plots as plots_cli
+    from tome_jax.cli import sweep as sweep_cli
+    from tome_jax.cli import table as table_cli
+    from tome_jax.sweep import read_csv as read_sweep
+
+    rows = sweep_cli.main(["--random-init", "--variant", "mu/4", "--data", "image_folder",
+                           "--data-dir", str(folder), "--split", "test", "--image-size", "16",
+                           "--batch-size", "4", "--runs", "0", "--no-progress", "--r", "0", "2",
+                           "--out", "gs://bucket/sweeps/a"])
+    sweeps = epath.Path("gs://bucket/sweeps")
+    assert sorted(p.name for p in sweeps.iterdir()) == ["a.csv", "a.md", "a.png"]
+    assert [row["r"] for row in read_sweep("gs://bucket/sweeps/a.csv")] == ["0", "2"]
+    assert [row["tokens"] for row in read_sweep("gs://bucket/sweeps/a.csv")] == [
+        row["tokens"] for row in rows]
+    assert (sweeps / "a.png").read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+    text = table_cli.main(["A=gs://bucket/sweeps/a.csv", "--r", "2",
+                           "--out", "gs://bucket/tables/t.md"])
+    assert epath.Path("gs://bucket/tables/t.md").read_text() == text + "\n"
+    assert "| A |" in text
+    plots_cli.main(["gs://bucket/sweeps/a.csv", "gs://bucket/plots/a.pdf"])
+    assert epath.Path("gs://bucket/plots/a.pdf").read_bytes().startswith(b"%PDF")
+
+    src = tmp_path / "src.npz"
+    model = ViT(**CONFIG)
+    params = flatten(random_params(model, 16))
+    np.savez(src, **{k: np.asarray(v) for k, v in params.items()})
+    capsys.readouterr()
+    assert convert_cli.main([str(src), "gs://bucket/models/m"]) == 0
+    assert json.loads(capsys.readouterr().out)["dst"] == "gs://bucket/models/m"
+    _, got, info = ck.load_model("gs://bucket/models/m")
+    assert info.image_size == (16, 16)
+    for name, value in flatten(got).items():
+        np.testing.assert_array_equal(np.asarray(value), params[name])
+    # An existing destination is the one-line user error, exit status 2, as locally.
+    assert convert_cli.main([str(src), "gs://bucket/models/m"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m tome_jax.convert: error: ") and err.count("\n") == 1
+    assert "gs://bucket/models/m" in err
+
+
+def test_config_file_and_ship_log_on_a_bucket(bucket):
+    from tome_jax.training.ship import LOG_FILE, log_path
+
+    (epath.Path("gs://bucket/run") / "config.json").write_text(
+        json.dumps({"variant": "mu/4", "steps": 7}))
+    cfg = load_config("gs://bucket/run/config.json", ["seed=2"])
+    assert (cfg.variant, cfg.steps, cfg.seed) == ("mu/4", 7, 2)
+    with pytest.raises(FileNotFoundError, match="config file gs://bucket/none.json not found"):
+        load_config("gs://bucket/none.json", [])
+    # A logging.FileHandler writes local files: a bucket workdir's log goes to a local folder.
+    local = log_path("gs://bucket/run")
+    assert local == storage.local_log_dir("gs://bucket/run") / LOG_FILE
+    assert local.parent.is_dir() and not storage.is_remote(local)
+    assert log_path("runs/x") == storage.as_path("runs/x") / LOG_FILE
+
+
+def test_figure_and_logits_on_a_bucket(bucket):
+    from tome_jax.cli.evaluate import save_npz
+    from tome_jax.vis import render_grid
+
+    panel = np.zeros((8, 8, 3), np.uint8)
+    assert str(render_grid([[("r = 0", panel)]], "gs://bucket/vis/m.png")) == (
+        "gs://bucket/vis/m.png")
+    assert epath.Path("gs://bucket/vis/m.png").read_bytes().startswith(b"\x89PNG")
+    save_npz("gs://bucket/logits", logits=np.eye(2), index=np.arange(2))
+    with epath.Path("gs://bucket/logits.npz").open("rb") as f:
+        np.testing.assert_array_equal(np.load(io.BytesIO(f.read()))["logits"], np.eye(2))

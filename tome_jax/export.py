@@ -3,7 +3,7 @@
 The artefact holds the whole forward at a fixed r schedule with the parameters baked in as
 constants, so serving needs only JAX (no tome_jax, no flax):
 
-    python -m tome_jax.export --checkpoint DIR --r 16 --out model.jaxexport [--batch 8]
+    python -m tome_jax.export --checkpoint DIR --r 16 --out model.jaxexport [--batch-size 8]
 
     exported = load_exported("model.jaxexport")   # checks the bytes against the sidecar
     logits = exported.call(images)      # images [b, H, W, 3] float32, normalised

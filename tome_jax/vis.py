@@ -4,7 +4,7 @@ Each final (or per-block) token holds a set of input patches (`source`, tracked 
 with `trace_source=True`). Painting every patch of a group with the group's mean colour, with a
 border between groups, shows what the network merged:
 
-    python -m tome_jax.vis photo.jpg --checkpoint DIR --r 8 --r 16 --out merges.png
+    python -m tome_jax.vis photo.jpg --checkpoint DIR --r 8 16 --out merges.png
 
     labels = patch_groups(source[0], num_prefix=1, grid_hw=(16, 16))   # [16, 16] group ids
     panel = paint_groups(image_u8, labels)                             # [H, W, 3] uint8
@@ -15,6 +15,7 @@ left after merging.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tome_jax import normalization as norm
+from tome_jax.storage import AnyPath, as_path, is_remote
 
 BORDER = (255, 255, 255)
 DROPPED = (0, 0, 0)  # patches no token holds (the "prune" baseline drops tokens)
@@ -221,8 +223,9 @@ def merge_sources(model: Any, params: Any, images: np.ndarray, r: Any,
 
 
 def render_grid(rows: Sequence[Sequence[tuple[str, np.ndarray]]], path: str | os.PathLike,
-                panel_inches: float = 2.4, dpi: int = 100) -> Path:
-    """Writes a PNG grid: rows of (title, uint8 [H, W, 3]) panels. Returns the path."""
+                panel_inches: float = 2.4, dpi: int = 100) -> AnyPath:
+    """Writes a PNG grid: rows of (title, uint8 [H, W, 3]) panels. Returns the path, which may
+    be an object-store URL (gs://...); the suffix picks the format (.png, .pdf, .svg)."""
     # A bare Figure, not pyplot: no display needed, and a notebook's backend is left alone.
     from matplotlib.figure import Figure
 
@@ -236,9 +239,15 @@ def render_grid(rows: Sequence[Sequence[tuple[str, np.ndarray]]], path: str | os
             axes[i, j].imshow(img, interpolation="nearest")
             axes[i, j].set_title(title, fontsize=9)
     fig.tight_layout(pad=0.3)
-    path = Path(path)
+    path = as_path(path)
+    options = dict(dpi=dpi, pil_kwargs={"optimize": True})  # smaller files for docs/
+    if is_remote(path):  # matplotlib writes local files: the bytes are written as one object
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=path.suffix[1:] or "png", **options)
+        path.write_bytes(buffer.getvalue())
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, pil_kwargs={"optimize": True})  # smaller files for docs/
+    fig.savefig(path, **options)
     return path
 
 

@@ -15,6 +15,7 @@ process (CPU processes talk through gloo).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights: model classes; default the dataset's")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--report-rss", action="store_true", help="print peak host RSS (MiB)")
-    p.add_argument("--dump-logits", default=None, help="save logits/index (.npz, process 0)")
+    p.add_argument("--dump-logits", default=None,
+                   help="save logits/index (.npz, process 0); may be an object-store URL, "
+                        "gs://BUCKET/PATH")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     add_distributed(p)
     return p
@@ -61,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate_command(args: argparse.Namespace) -> dict:
     """The CLI's work: loads weights and data, evaluates, prints; returns the result dict."""
     import jax
-    import numpy as np
 
     from tome_jax import inputs, sharding
     from tome_jax.evaluation import evaluate
@@ -90,7 +92,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
         result["peak_rss_mib"] = peak_rss_mib()
         result["batch_mib"] = batches.batch_size * image_size ** 2 * 3 * 4 / 2 ** 20
     if args.dump_logits and jax.process_index() == 0:
-        np.savez(args.dump_logits, logits=result["logits"], index=result["index"])
+        save_npz(args.dump_logits, logits=result["logits"], index=result["index"])
     result.pop("logits", None)
     result.pop("index", None)
     if args.skip_bad_images:
@@ -108,6 +110,21 @@ def evaluate_command(args: argparse.Namespace) -> dict:
                 print(f"peak RSS {result['peak_rss_mib']:.0f} MiB "
                       f"(one batch of images: {result['batch_mib']:.1f} MiB)", flush=True)
     return result
+
+
+def save_npz(path: str, **arrays: Any) -> None:
+    """`np.savez(path, **arrays)` (".npz" added when missing, as np.savez does), also to an
+    object-store URL: the archive is built in memory and written as one object."""
+    import numpy as np
+
+    from tome_jax.storage import as_path, is_remote
+
+    if not is_remote(path):
+        np.savez(path, **arrays)
+        return
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    as_path(path if path.endswith(".npz") else path + ".npz").write_bytes(buffer.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

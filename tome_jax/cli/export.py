@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from tome_jax import export
 from tome_jax.checkpoint import load_model
 from tome_jax.cli.args import add_flag, add_r, make_parser, run
+from tome_jax.storage import as_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="model directory (from tome_jax.convert or train.ship)")
     add_r(p, many=False, default="0")
-    p.add_argument("--out", required=True, help="artefact path (sidecar: OUT.json)")
+    p.add_argument("--out", required=True, help="artefact path (sidecar: OUT.json); may be "
+                                                "an object-store URL, gs://BUCKET/PATH")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     g = p.add_mutually_exclusive_group()
     add_flag(g, "--batch-size", formerly=["--batch"], type=int, default=None,
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export(args: argparse.Namespace) -> dict:
     """Loads the model at args.r, exports and saves it; returns the sidecar."""
-    if Path(args.out).exists() and not args.overwrite:  # before the slow part
+    if as_path(args.out).exists() and not args.overwrite:  # before the slow part
         raise export.ExportError(f"{args.out} exists; refusing to overwrite it (--overwrite "
                                  "replaces it)")
     model, params, info = load_model(args.checkpoint, r=args.r)

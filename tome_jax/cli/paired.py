@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(p, split_help="tfds split spec")
     p.set_defaults(split="test")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--out", default=None, help="also write the table to this .md file")
+    p.add_argument("--out", default=None, help="also write the table to this .md file (may "
+                                               "be an object-store URL, gs://BUCKET/PATH)")
     return p
 
 
@@ -70,8 +71,9 @@ def paired_command(args: argparse.Namespace) -> str:
     table = format_markdown([name for name, _ in named], results, r)
     header = f"{args.data} {args.split}, {results[0]['n']} images, r = {r}"
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"{header}\n\n{table}\n")
+        from tome_jax.storage import as_path
+
+        as_path(args.out).write_text(f"{header}\n\n{table}\n")
     print(header)
     print(table, flush=True)
     return table

@@ -6,7 +6,8 @@
 Evaluates the model packaged in `tome_jax.assets` (a ViT-S/4 trained on CIFAR-10, see its
 MODEL_CARD.md) on the 1,000 CIFAR-10 test images packaged beside it, for r = 0, 2, 4, 6, 8, and
 prints the accuracy / GFLOPs / speed table (also written to runs/quickstart/ under the current
-folder). Needs no TensorFlow: without it the images are decoded with PIL (`tome_jax.inputs`).
+folder; --out elsewhere, an object-store URL gs://BUCKET/PATH too). Needs no TensorFlow:
+without it the images are decoded with PIL (`tome_jax.inputs`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ data's size, with `--fidelity` the cosine similarity of each image's final featu
 (`pre_logits`) to the r = 0 features (mean and min over images), and images/s of the jitted
 forward on one batch (median of `--runs` timed runs after warm-up, interleaved over all
 configurations so machine drift hits them alike), with the speed-up over r = 0. Writes OUT.csv,
-OUT.md and OUT.png (quality against im/s and against GFLOPs, one line per strategy).
+OUT.md and OUT.png (quality against im/s and against GFLOPs, one line per strategy); OUT may be
+an object-store URL (gs://bucket/sweep).
 
 Strategies (`tome_jax.vit.ViT.strategy`): "tome" (ToMe), "random" (the same bipartite merge
 with random pairs) and "prune" (drop the r tokens the class token attends to least). All three
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,7 @@ from tome_jax.cli.args import (
     run,
 )
 from tome_jax.reduce import STRATEGIES
+from tome_jax.storage import as_path, is_remote
 from tome_jax.vit import ViT
 
 Row = dict[str, Any]
@@ -78,7 +81,8 @@ def build_parser(prog: str = "python -m eval.sweep", description: str | None = _
     p.add_argument("--cache-mib", type=float, default=2048,
                    help="keep decoded batches in memory up to this size")
     p.add_argument("--out", default="sweep_results/sweep",
-                   help="output prefix: writes OUT.csv, OUT.md, OUT.png")
+                   help="output prefix: writes OUT.csv, OUT.md, OUT.png; may be an "
+                        "object-store URL, gs://BUCKET/PATH")
     p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
@@ -93,7 +97,6 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
 
     from tome_jax import inputs
     from tome_jax.params import random_params
-    from tome_jax.plots import plot
     from tome_jax.sweep import check_strategies, format_markdown, summary, sweep, write_csv
 
     if args.batch_size < 1 or args.runs < 0 or args.warmup < 0:
@@ -125,8 +128,9 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
                  show=not args.no_progress)
     seconds = time.perf_counter() - start
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = as_path(args.out)
+    if not is_remote(out):  # an object store has no folders to make
+        out.parent.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
     name = checkpoint or f"random {args.variant}"
     title = args.title or (f"{name}, {args.data} {split} ({rows[0].get('count', '?')} images), "
@@ -139,8 +143,8 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
         from tome_jax.image_files import skipped_line
 
         header += f"; {skipped_line(batches.skipped)}"
-    Path(f"{out}.md").write_text(f"{header}\n\n{format_markdown(rows)}\n")
-    plot(rows, f"{out}.png", title)
+    as_path(f"{out}.md").write_text(f"{header}\n\n{format_markdown(rows)}\n")
+    write_plot(rows, f"{out}.png", title)
     if jax.process_index() == 0:
         print(header)
         print(format_markdown(rows))
@@ -149,6 +153,20 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
                               for row in rows]))
         print(summary(rows, seconds) + f"; wrote {out}.csv, {out}.md, {out}.png", flush=True)
     return rows
+
+
+def write_plot(rows: list[Row], path: str, title: str = "") -> None:
+    """`tome_jax.plots.plot` to a local path or an object-store URL (drawn into a local file
+    of the same name, whose suffix picks the format, then written as one object)."""
+    from tome_jax.plots import plot
+
+    if not is_remote(path):
+        plot(rows, path, title)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, as_path(path).name)
+        plot(rows, local, title)
+        as_path(path).write_bytes(local.read_bytes())
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from tome_jax.cli.args import add_r, make_parser, run
+from tome_jax.storage import as_path
 from tome_jax.sweep import Row, format_markdown, read_csv, schedule_text
 
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweeps", nargs="+", help="NAME=PATH.csv, one per model")
     add_r(p, many=True, required=True, help="schedules to line up, as for eval.sweep")
     p.add_argument("--strategy", default="tome", help="the rows to take at r > 0")
-    p.add_argument("--out", help="also write the table to this .md file")
+    p.add_argument("--out", help="also write the table to this .md file (may be an "
+                                 "object-store URL, gs://BUCKET/PATH; so may the CSVs)")
     return p
 
 
@@ -59,7 +60,7 @@ def table_command(args: argparse.Namespace) -> str:
         raise ValueError(e.args[0]) from None
     text = format_markdown(rows)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        as_path(args.out).write_text(text + "\n")
     print(text)
     return text
 

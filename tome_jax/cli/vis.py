@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from tome_jax import vis
 from tome_jax.checkpoint import load_model
 from tome_jax.cli.args import R_HELP, add_flag, add_r, make_parser, run
 from tome_jax.normalization import NORMALIZATIONS
+from tome_jax.storage import AnyPath
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="model directory (from tome_jax.convert or train.ship)")
     add_r(p, many=True, required=True, help=R_HELP + "; several for one panel each")
-    p.add_argument("--out", default="merges.png")
+    p.add_argument("--out", default="merges.png",
+                   help="the figure (.png, .pdf, .svg); may be an object-store URL, "
+                        "gs://BUCKET/PATH")
     p.add_argument("--image-size", type=int, default=None,
                    help="default: the model directory's")
     p.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default=None,
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _figure(args: argparse.Namespace) -> Path:
+def _figure(args: argparse.Namespace) -> AnyPath:
     """Loads the model and the images, paints every panel, writes the PNG; returns its path."""
     overrides = {"strategy": args.strategy} if args.strategy else {}
     model, params, info = load_model(args.checkpoint, **overrides)
