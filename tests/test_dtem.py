@@ -298,6 +298,8 @@ def test_bad_input():
             dtem.dtem_soft_step(x, size, active, metric, r=1, tau2=tau)
     with pytest.raises(ValueError, match="does not cover the tokens"):
         dtem.dtem_soft_step(x, size, active, metric[:, :5], r=1)
+    with pytest.raises(ValueError, match="unknown DTEM order 'random'"):
+        dtem.dtem_soft_step(x, size, active, metric, r=1, order="random")
     params = {"Transformer": {"encoderblock_0": {"LayerNorm_0": {"scale": jnp.ones(32)},
                                                  "dtem_embed": {"kernel": jnp.zeros((32, 8)),
                                                                 "bias": jnp.zeros(8)}}}}
@@ -313,6 +315,7 @@ def test_bad_input():
     for kwargs, match in [(dict(soft_merge=True), "needs dtem_dim"),
                           (dict(dtem_dim=0), "positive int"),
                           (dict(dtem_dim=8, soft_merge=True, dtem_tau2=0.0), "dtem_tau2"),
+                          (dict(dtem_dim=8, soft_merge=True, dtem_order="x"), "dtem_order"),
                           (dict(dtem_dim=8, strategy="prune"), "strategy='tome'")]:
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(ViT(**TINY, r=2, **kwargs).init, jax.random.key(0), images)

@@ -190,7 +190,7 @@ def frozen_backbone_warnings(cfg: Config, param_names: Iterable[str]) -> list[st
     if not count:
         return []
     return [f"{' and '.join(noise)} with freeze={cfg.freeze!r} (freezing {count} of "
-            f"{len(backbone)} backbone parameters): the frozen blocks still run stochastic "
+            f"{len(backbone)} backbone tensors): the frozen blocks still run stochastic "
             "depth/dropout in every training step, so what trains learns on features the "
             "evaluated model never produces; set drop_path=0 dropout=0 (as "
             "train/configs/dtem_modular.json does)"]
