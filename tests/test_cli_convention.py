@@ -120,7 +120,7 @@ def test_other_list_flags_are_given_once(capsys):
 def test_benchmark_former_flags_warn_and_still_work(monkeypatch, capsys):
     seen = []
 
-    def fake_benchmark(variant, batch, image_size, *rest):
+    def fake_benchmark(variant, batch, image_size, *rest, **options):
         seen.append((batch, image_size))
         return [dict(r=0, method="-", tokens=17, gflops=1.0, flops_speedup=1.0, im_s=1.0,
                      seconds=1.0, speedup=1.0, efficiency=1.0, compile_s=0.5, merge_s=0.0,
