@@ -28,7 +28,7 @@ echo "device: $device"
 
 bench() {
     # Blank lines around each table's title and footnote make them Markdown paragraphs.
-    "$python" -m eval.benchmark --resolution 384 --dtype bfloat16 --vs-torch \
+    "$python" -m eval.benchmark --image-size 384 --dtype bfloat16 --vs-torch \
         --runs 20 --warmup 3 "$@" | sed -e 's/^\(ViT-.*\)$/\1\n/' -e 's/^\(PyTorch ToMe:.*\)$/\n\1\n/'
 }
 
@@ -38,12 +38,12 @@ tmp=$(mktemp)
     echo
     echo "Measured by \`bash eval/gpu_benchmark.sh\` on $(date -u +%Y-%m-%d):"
     echo "$("$python" -c 'import jax, torch; print(f"jax {jax.__version__}, torch {torch.__version__}")')."
-    echo "Each table: \`python -m eval.benchmark --resolution 384 --dtype bfloat16 --vs-torch"
+    echo "Each table: \`python -m eval.benchmark --image-size 384 --dtype bfloat16 --vs-torch"
     echo "--runs 20 --warmup 3\` with the case and schedules shown; random weights; attention:"
     echo "$("$python" -c 'import jax.numpy as jnp; from tome_jax import attention as a; print(a.resolve("auto", jnp.bfloat16, 64))')"
     echo "(\`tome_jax.attention\`). Speed-ups are against each side's r = 0 row."
     echo
-    bench --case B/16:64 --case B/16:1 --r 0 8 13 16 23
+    bench --case B/16:64 B/16:1 --r 0 8 13 16 23
     bench --case L/16:32 --r 0 8 16 23
 } | tee "$tmp"
 mv "$tmp" "$out"
