@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
+from etils.epath import gpath
 from fsspec.implementations.local import LocalFileSystem
 
 from tome_jax import checkpoint as ck
@@ -126,6 +127,9 @@ def bucket(tmp_path, monkeypatch):
     root.mkdir()
     monkeypatch.setattr(FakeGCS, "root", str(root))
     monkeypatch.setenv("EPATH_USE_TF", "0")  # epath's fsspec backend, as without TensorFlow
+    # epath caches whether to use TensorFlow on its first remote path: an earlier test that
+    # imported TensorFlow would otherwise send gs:// to tf.io.gfile (the real GCS).
+    gpath._is_tf_installed.cache_clear()
     registry = importlib.import_module("fsspec.registry")._registry
     for name in ("gs", "gcs"):
         monkeypatch.setitem(registry, name, FakeGCS)
@@ -142,6 +146,7 @@ def bucket(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     yield root
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    gpath._is_tf_installed.cache_clear()
     assert os.listdir(cwd) == [], "a gs:// URL was used as a local path"
 
 
