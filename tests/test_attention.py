@@ -96,7 +96,7 @@ def _tiny(dtype=jnp.float32, **fields):
     return model, images, params
 
 
-@pytest.mark.parametrize("r", [0, 8])
+@pytest.mark.parametrize("r", [0, pytest.param(8, marks=pytest.mark.slow)])  # r=8: 15 s
 def test_every_path_gives_the_same_merging_vit(r):
     """Inside the model, with merging (r = 8 in each block: a size bias in blocks 2 and 3) and
     without."""
@@ -108,6 +108,7 @@ def test_every_path_gives_the_same_merging_vit(r):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # 15 s: a merging ViT traced once per path in bfloat16
 def test_bfloat16_merging_vit_close_to_reference_attention():
     model, images, params = _tiny(jnp.bfloat16, r=8)
     want, _ = _model_logits(model, params, images, "reference")

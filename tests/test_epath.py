@@ -280,6 +280,7 @@ def folder(tmp_path_factory):
                                       {"train": 48, "test": 12})
 
 
+@pytest.mark.slow  # three training runs and a ship: about a minute
 def test_train_resume_and_ship_on_a_bucket(bucket, folder, tmp_path):
     cfg = load_config(None, TINY + [f"data_dir={folder}", "steps=4", "save_every=2"])
     workdir = "gs://bucket/run"
