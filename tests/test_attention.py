@@ -161,6 +161,22 @@ def test_resolve_and_use():
             bad()
 
 
+def test_environment_variable_replaces_auto_only(monkeypatch):
+    monkeypatch.setenv(A.ENV, "reference")
+    assert A.current() == "reference"
+    with A.use("xla"):  # an explicit choice still wins
+        assert A.current() == "xla"
+    q = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
+    calls = []
+    monkeypatch.setitem(A._IMPLEMENTATIONS, "reference",
+                        lambda *a: calls.append(1) or A.reference_attention(*a))
+    A.dot_product_attention(q, q, q, None)
+    assert calls == [1]
+    monkeypatch.setenv(A.ENV, "flash")
+    with pytest.raises(ValueError, match="TOME_JAX_ATTENTION='flash' is not one of"):
+        A.current()
+
+
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs a CUDA GPU; this run has none")
 @pytest.mark.parametrize("tokens", [196, 197])
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -150,6 +150,37 @@ def test_save_load_round_trip(tmp_path, as_flat):
     assert ck.read_info(dst) == info
 
 
+def test_float16_matrices_halve_the_file_and_load_as_float32(tmp_path):
+    config = {**CONFIG, "layerscale_init": 1e-6}
+    _, params = tiny(layerscale_init=1e-6)
+    full = ck.save_model(tmp_path / "f32", params, config, image_size=16, normalization="augreg")
+    half = ck.save_model(tmp_path / "f16", params, config, image_size=16, normalization="augreg",
+                         param_dtype="float16")
+    size = lambda d: (d / ck.PARAMS_FILE).stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    _, got, _ = ck.load_model(half)
+    flat, want = flatten(got), flatten(params)
+    for k, v in want.items():
+        v = np.asarray(v)
+        assert np.asarray(flat[k]).dtype == np.float32, k
+        # Matrices round to float16; vectors (here LayerScale at 1e-6, which float16 would
+        # flush to a subnormal) stay exact.
+        expect = v.astype(np.float16).astype(np.float32) if v.ndim >= 2 else v
+        np.testing.assert_array_equal(np.asarray(flat[k]), expect, err_msg=k)
+    assert any(np.asarray(v).ndim >= 2 and np.any(np.asarray(v).astype(np.float16) != v)
+               for v in want.values())  # the rounding is real, so the check above can fail
+    with pytest.raises(ValueError, match="does not fit float16"):
+        big = {**flatten(params)}
+        key = next(k for k, v in big.items() if np.asarray(v).ndim >= 2)
+        big[key] = np.full(np.shape(big[key]), 1e6, np.float32)
+        ck.save_model(tmp_path / "big", big, CONFIG, image_size=16, normalization="augreg",
+                      param_dtype="float16")
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(ValueError, match="param_dtype"):
+        ck.save_model(tmp_path / "x", params, CONFIG, image_size=16, normalization="augreg",
+                      param_dtype="bfloat16")
+
+
 def test_overrides_apply_at_load_time(tmp_path):
     _, params = tiny()
     dst = ck.save_model(tmp_path / "m", params, CONFIG, image_size=(16, 16),

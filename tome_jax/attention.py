@@ -20,7 +20,9 @@ merge). Which implementation runs is decided when the model is traced (`choose`)
     "reference"  the plain formulation in float32 at the highest matmul precision; every other
              implementation is tested against it.
 
-"auto" follows `jax.default_backend()`: to lower for another platform than the default one
+"auto" follows `jax.default_backend()`; the environment variable `TOME_JAX_ATTENTION` (one of
+IMPLEMENTATIONS) replaces "auto" for every command, e.g. `TOME_JAX_ATTENTION=xla` where a
+cuDNN build refuses its fused kernel. To lower for another platform than the default one
 (`jax.export` with `platforms=`), trace inside `use("xla")`, which runs everywhere.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -171,9 +174,17 @@ def use(implementation: str) -> Iterator[None]:
         _override.reset(token)
 
 
+ENV = "TOME_JAX_ATTENTION"
+
+
 def current() -> str:
-    """The implementation `use` has set ("auto" outside it)."""
-    return _override.get()
+    """The implementation `use` has set; outside it `$TOME_JAX_ATTENTION`, else "auto"."""
+    name = _override.get()
+    if name == "auto" and os.environ.get(ENV):
+        name = os.environ[ENV]
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"{ENV}={name!r} is not one of {IMPLEMENTATIONS}")
+    return name
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,

@@ -1,5 +1,8 @@
 """The model directory: DIR/params.msgpack (float32 params) + DIR/config.json.
 
+params.msgpack may hold float16 matrices (`save_model(param_dtype="float16")`, half the file of
+a large model); every load reads them back as float32.
+
 config.json:
     {"model": {ViT fields}, "image_size": [H, W], "normalization": "augreg",
      "source": "where the weights came from", "format": "tome_jax.checkpoint/2",
@@ -81,6 +84,28 @@ def checksums(params_bytes: bytes, model_config: dict[str, Any]) -> dict[str, st
     return {PARAMS_FILE: sha256_hex(params_bytes), "model": model_digest(model_config)}
 
 
+PARAM_DTYPES = ("float32", "float16")
+
+
+def stored_params(params: Mapping[str, Any], param_dtype: str = "float32"
+                  ) -> dict[str, np.ndarray]:
+    """Flat {"a/b/c": array} as save_model writes them: float32, or with param_dtype "float16"
+    every tensor of >= 2 dimensions as float16 (vectors stay float32)."""
+    if param_dtype not in PARAM_DTYPES:
+        raise ValueError(f"param_dtype {param_dtype!r} is not one of {PARAM_DTYPES}")
+    out = {}
+    for k, v in flatten(params).items():
+        v = np.asarray(v, np.float32)
+        if param_dtype == "float16" and v.ndim >= 2:
+            half = v.astype(np.float16)
+            if not np.all(np.isfinite(half)):
+                raise ValueError(f"parameter {k} does not fit float16 (max |x| "
+                                 f"{float(np.max(np.abs(v))):.3g}); save it as float32")
+            v = half
+        out[k] = v
+    return out
+
+
 def _write_synced(file: Path, data: bytes) -> None:
     """Writes data and flushes it to the disk, so a later rename publishes complete bytes."""
     with open(file, "wb") as f:
@@ -120,10 +145,13 @@ def _image_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 def save_model(dst: str | os.PathLike, params: Mapping[str, Any], config: dict[str, Any], *,
                image_size: int | tuple[int, int], normalization: str,
-               source: str = "") -> AnyPath:
+               source: str = "", param_dtype: str = "float32") -> AnyPath:
     """Writes DST/{params.msgpack, config.json} atomically: DST appears only when complete.
 
-    params: a nested tree or a flat {"a/b/c": array} dict (saved as float32). config.json
+    params: a nested tree or a flat {"a/b/c": array} dict (saved as float32). param_dtype
+    "float16" stores tensors of two or more dimensions (kernels, embeddings: nearly all the
+    bytes) as float16 and keeps vectors (biases, norms, LayerScale, whose small values float16
+    would flush) float32; ValueError if a matrix overflows float16. config.json
     records the sha256 of params.msgpack and of `config` (see the module doc). Raises
     DestinationExistsError (a CheckpointError and a FileExistsError) if DST exists, and
     WriteError (a CheckpointError and an OSError) naming DST when the disk is full or not
@@ -136,7 +164,7 @@ def save_model(dst: str | os.PathLike, params: Mapping[str, Any], config: dict[s
     dst = as_path(dst)
     if dst.exists() or (not is_remote(dst) and dst.is_symlink()):
         raise DestinationExistsError(f"{dst} exists; refusing to overwrite")
-    tree = unflatten({k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
+    tree = unflatten(stored_params(params, param_dtype))
     data = serialization.msgpack_serialize(tree)
     meta = {"model": config, "image_size": list(image_hw), "normalization": normalization,
             "source": source, "format": FORMAT, CHECKSUMS: checksums(data, config)}
@@ -258,7 +286,9 @@ def _read_params(file: AnyPath, expected: str | None) -> dict[str, np.ndarray]:
                               f"{sha256_hex(data)}); the file is corrupt")
     try:
         params = serialization.msgpack_restore(data)
-        return {k: np.asarray(v) for k, v in flatten(params).items()}
+        # float16 matrices (save_model(param_dtype="float16")) compute as float32.
+        return {k: np.asarray(v, np.float32) if np.asarray(v).dtype == np.float16
+                else np.asarray(v) for k, v in flatten(params).items()}
     except Exception as e:  # noqa: BLE001 - msgpack raises several types on bad bytes
         raise CheckpointError(f"{file} is corrupt or not a params file "
                               f"({type(e).__name__}: {e})") from None

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m eval.paired", __doc__)
     p.add_argument("models", nargs="+", help="NAME=MODEL_DIR; the first is the reference")
     add_r(p, many=False, default="0", help="the schedule every model runs at")
-    add_data(p, split_help="tfds split spec")
+    add_data(p, split_help="tfds split spec (a slice needs TensorFlow)")
     p.set_defaults(split="test")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--out", default=None, help="also write the table to this .md file (may "
@@ -33,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def paired_command(args: argparse.Namespace) -> str:
     """Evaluates every model on the same batches, prints (and writes) the table; returns it."""
-    import tensorflow_datasets as tfds
-
-    from tome_jax import data
+    from tome_jax import inputs
     from tome_jax.paired import (
         correct_by_index,
         format_markdown,
@@ -47,7 +45,6 @@ def paired_command(args: argparse.Namespace) -> str:
     named = [spec.rsplit("=", 1) for spec in args.models]  # names may hold "="
     if len(named) < 2 or any(len(pair) != 2 for pair in named):
         raise ValueError("give at least two NAME=MODEL_DIR")
-    tfds.display_progress_bar(False)
 
     correct, first, batches, labels = [], None, None, {}
     for _, path in named:
@@ -56,7 +53,7 @@ def paired_command(args: argparse.Namespace) -> str:
         if first is None:
             first = (size, normalization)
             batches = cache_batches(
-                data.make_dataset(args.data, args.split, batch_size=args.batch_size,
+                inputs.eval_input(args.data, args.split, batch_size=args.batch_size,
                                   image_size=size, normalization=normalization,
                                   data_dir=args.data_dir), size, 2 * 2 ** 30)
             labels = labels_by_index(batches)  # once: every model sees the same batches

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("python -m train.ship", __doc__)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True, help="new directory (must not exist)")
+    parser.add_argument("--param-dtype", choices=("float32", "float16"), default="float32",
+                        help="float16: store the matrices as float16, half the file (vectors "
+                             "stay float32; every load computes in float32)")
     return parser
 
 
@@ -35,7 +38,7 @@ def _ship(args: argparse.Namespace, prog: str) -> None:
     # copied into the workdir by `ship`.
     with library_logs(log_path(args.workdir), args.whole_process), one_line_warnings():
         try:
-            out, step = ship(args.workdir, args.out)
+            out, step = ship(args.workdir, args.out, args.param_dtype)
         except OSError as err:
             if isinstance(err, (FileNotFoundError, FileExistsError)) or not err.strerror:
                 raise

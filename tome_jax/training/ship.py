@@ -58,9 +58,11 @@ def log_path(workdir: str | Path) -> Path:
     return logs / LOG_FILE
 
 
-def ship(workdir: str | Path, out: str | Path) -> tuple[AnyPath, int]:
+def ship(workdir: str | Path, out: str | Path, param_dtype: str = "float32"
+         ) -> tuple[AnyPath, int]:
     """Writes `out` from the newest usable checkpoint of `workdir`; returns (out, step).
 
+    param_dtype: "float16" stores the matrices as float16 (`tome_jax.checkpoint.save_model`).
     Checkpoints are checked as training checks them (`Checkpoints.restore`), read-only: an
     unusable one is skipped with one warning, nothing in the workdir is moved. FileNotFoundError
     without a checkpoint, CheckpointsUnusable (a ValueError) when none is usable,
@@ -88,6 +90,7 @@ def ship(workdir: str | Path, out: str | Path) -> tuple[AnyPath, int]:
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(state["params"]).items()}
     source = f"train/train.py, {workdir.name} step {step} of {cfg.steps}"
     out = save_model(out, flat, model_config(cfg), image_size=(cfg.image_size,) * 2,
-                     normalization=cfg.normalization, source=source)
+                     normalization=cfg.normalization, source=source,
+                     param_dtype=param_dtype)
     return out, step
 
