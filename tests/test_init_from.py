@@ -65,11 +65,11 @@ def test_init_from_with_another_token_layout_names_the_tensor(tmp_path):
         init_state(cfg, model, make_optimizer(cfg, params))
 
 
-def test_dinov2_cifar10_recipe_describes_the_converted_backbone_at_168_px():
+def test_dinov2_cifar10_recipe_describes_the_converted_backbone_at_224_px():
     from pathlib import Path
 
     cfg = load_config(Path(__file__).parents[1] / "train/configs/dinov2_s14_cifar10.json", [])
     model = make_model(cfg)
     assert (model.dims.width, model.dims.depth, model.dims.patch_size) == (384, 12, 14)
     assert model.layerscale_init == 1.0 and cfg.normalization == "imagenet"
-    assert model.token_schedule(cfg.image_size)[1][0] == 145  # 12 x 12 patches + the class token
+    assert model.token_schedule(cfg.image_size)[1][0] == 257  # 16 x 16 patches + the class token
