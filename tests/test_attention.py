@@ -161,6 +161,25 @@ def test_resolve_and_use():
             bad()
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_path_hands_cudnn_even_lengths_only(monkeypatch, with_bias):
+    # cuDNN's backward pass refuses odd sequence lengths with or without a bias (a 257-token
+    # ViT failed at its first training step), so the fused path pads them.
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.shape[1])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, k, v, bias = _inputs(257)
+    bias = bias if with_bias else None
+    got = np.asarray(A.fused_attention(q, k, v, bias, implementation="xla"))
+    assert seen == [258]
+    np.testing.assert_allclose(got, _reference(q, k, v, bias), rtol=1e-5, atol=1e-5)
+
+
 def test_environment_variable_replaces_auto_only(monkeypatch):
     monkeypatch.setenv(A.ENV, "reference")
     assert A.current() == "reference"

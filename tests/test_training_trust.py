@@ -375,6 +375,18 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
                                                              (6, 0.5)]
 
 
+def test_metrics_without_tensorboardx(tmp_path, monkeypatch, capsys):
+    from tome_jax.training.metrics import MetricLog
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails as if not installed
+    log = MetricLog(tmp_path)
+    log.write(1, {"loss": 0.5})
+    log.close()
+    assert log.tb is None and not (tmp_path / "tb").exists()
+    assert "tensorboardX is not installed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 0.5}
+
+
 # Whole runs through the command line (minutes on 2 cores).
 
 def cli(workdir, folder, *extra, fresh=False):

@@ -90,19 +90,20 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | 
     """`jax.nn.dot_product_attention` with the bias in the form cuDNN takes; shapes as in
     `reference_attention`.
 
-    cuDNN wants a bias row per query ([B, 1, T, T]) and, when a gradient flows through a
-    biased kernel, even sequence lengths: an odd T is padded by one token that the sequence
-    lengths mask out, and its row is dropped again. `implementation="xla"` runs the same
-    arrangement through XLA (how it is tested without a GPU).
+    cuDNN wants a bias row per query ([B, 1, T, T]) and, when a gradient flows through its
+    kernel, even sequence lengths (with or without a bias: 257 tokens fail at the first
+    training step): an odd T is padded by one token that the sequence lengths mask out, and
+    its row is dropped again. `implementation="xla"` runs the same arrangement through XLA
+    (how it is tested without a GPU).
     """
-    if bias is None:
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     batch, tokens = q.shape[:2]
-    bias = jnp.broadcast_to(bias.astype(q.dtype), (batch, 1, tokens, tokens))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias.astype(q.dtype), (batch, 1, tokens, tokens))
     if tokens % 2 == 0:
         return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
     q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
-    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 1)))
+    if bias is not None:
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 1)))
     lengths = jnp.full((batch,), tokens, jnp.int32)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, query_seq_lengths=lengths,
                                        key_value_seq_lengths=lengths,

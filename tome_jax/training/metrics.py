@@ -55,9 +55,13 @@ class MetricLog:
         self.write_failed = False
         self.tb = None
         if jax.process_index() == 0:
-            import tensorboardX
-
-            self.tb = tensorboardX.SummaryWriter(str(workdir / "tb"))
+            try:
+                import tensorboardX
+            except ImportError:  # metrics.jsonl holds the same rows
+                print("tensorboardX is not installed: no TensorBoard events, metrics.jsonl "
+                      "only", flush=True)
+            else:
+                self.tb = tensorboardX.SummaryWriter(str(workdir / "tb"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Appends a row; a failed write (a full disk) is reported once and training goes on."""
