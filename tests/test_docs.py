@@ -20,6 +20,7 @@ README_MAX_LINES = 230
 
 def _pages() -> list[Path]:
     pages = [README, MODEL_CARD, *sorted((ROOT / "docs").rglob("*.md"))]
+    pages += sorted((ROOT / "models").rglob("*.md"))
     pages += sorted((ROOT / "tome_jax" / "assets").rglob("README.md"))
     return pages
 

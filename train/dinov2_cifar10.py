@@ -1,7 +1,7 @@
 r"""DINOv2-S/14 on CIFAR-10, end to end: fine-tune, ship, and measure merging on it.
 
     python -m train.dinov2_cifar10 --backbone models/dinov2_s14_224 \
-        --data-dir CIFAR10_JPEG --work runs/dinov2_cifar10 --budget-s 560
+        --data-dir CIFAR10_JPEG --work runs/dinov2_cifar10 --budget-s 3600
 
 Runs the project's own commands in order, each printed before it runs:
   1. `train.train --config train/configs/dinov2_s14_cifar10.json` from the backbone
@@ -14,10 +14,13 @@ Runs the project's own commands in order, each printed before it runs:
      side on the one device, each shipped;
   5. `eval.paired` at each --dtem-r: ToMe on the keys against every DTEM seed on the same images
      (difference with 95% CI, McNemar p).
-Sized for one large GPU (about ten minutes); on a CPU use --smoke. The DTEM runs get the steps
-that the time left allows (at least --dtem-min-steps), from the fine-tune's measured step time.
-A step the budget cannot fit is skipped and says so. WORK/summary.json records every command,
-its wall time and exit status.
+Meant for one GPU: on an NVIDIA H200 the fine-tune alone took 8.5 minutes (367 images/s, see
+docs/benchmark.md), so give the whole chain half an hour or more; on a CPU, --smoke checks the
+chain at 28 px in a few minutes. The DTEM runs get the steps that the time left allows
+(--dtem-min-steps to --dtem-max-steps), from the fine-tune's measured step time. A step the
+budget cannot fit is skipped and says so. Rerunning with the same WORK skips the fine-tune
+once its model directory exists. WORK/summary.json records every command, its wall time and
+exit status.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True, help="the converted DINOv2-S/14 model directory")
     p.add_argument("--data-dir", required=True, help="the cifar10_jpeg folder or .tar")
     p.add_argument("--work", required=True, help="new or resumable folder for every output")
-    p.add_argument("--budget-s", type=float, default=560.0, help="wall-clock budget, seconds")
+    p.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget, seconds")
     p.add_argument("--r", nargs="+", default=["0", "8", "14", "18", "21"],
                    help="sweep schedules (r = 14 and 21 cut S/14@224's FLOPs by 35%% and 51%%)")
     p.add_argument("--dtem-r", nargs="+", default=["14", "21"])
