@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_smoke_chain(tmp_path):
     folder = sources.write_image_folder(tmp_path / "data", {"train": 40, "test": 20},
-                                        classes=tuple("abcdefghij"), sizes=((32, 32),))
+                                        classes=sources.CIFAR10_CLASSES, sizes=((32, 32),))
     backbone = ViT(variant="S/14", num_classes=0, layerscale_init=1.0)
     ck.save_model(tmp_path / "backbone", random_params(backbone, 28), {
         "variant": "S/14", "num_classes": 0, "layerscale_init": 1.0}, image_size=28,
@@ -30,9 +30,9 @@ def test_smoke_chain(tmp_path):
     work = tmp_path / "work"
     proc = subprocess.run(
         [sys.executable, "-m", "train.dinov2_cifar10", "--backbone", str(tmp_path / "backbone"),
-         "--data-dir", str(folder), "--work", str(work), "--smoke", "--r", "0", "1",
-         "--dtem-r", "1", "--seed", "0", "1"], cwd=ROOT, capture_output=True, text=True,
-        timeout=1200)
+         "--data-dir", str(folder), "--dataset", "image_folder", "--work", str(work),
+         "--smoke", "--r", "0", "1", "--dtem-r", "1", "--seed", "0", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((work / "summary.json").read_text())
     commands = [e["cmd"] for e in summary["log"]]

@@ -18,8 +18,8 @@ Meant for one GPU: on an NVIDIA H200 the fine-tune alone took 8.5 minutes (367 i
 docs/benchmark.md), so give the whole chain half an hour or more; on a CPU, --smoke checks the
 chain at 28 px in a few minutes. The DTEM runs get the steps that the time left allows
 (--dtem-min-steps to --dtem-max-steps), from the fine-tune's measured step time. A step the
-budget cannot fit is skipped and says so. Rerunning with the same WORK skips the fine-tune
-once its model directory exists. WORK/summary.json records every command, its wall time and
+budget cannot fit is skipped and says so; the exit status is 1 if any command failed.
+Rerunning with the same WORK skips the fine-tune once its model directory exists. WORK/summary.json records every command, its wall time and
 exit status.
 """
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", required=True, help="the converted DINOv2-S/14 model directory")
     p.add_argument("--data-dir", required=True, help="the cifar10_jpeg folder or .tar")
+    p.add_argument("--dataset", default="cifar10_jpeg", choices=("cifar10_jpeg", "image_folder"),
+                   help="image_folder: any <split>/<class>/ folder of 10 classes")
     p.add_argument("--work", required=True, help="new or resumable folder for every output")
     p.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget, seconds")
     p.add_argument("--r", nargs="+", default=["0", "8", "14", "18", "21"],
@@ -114,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log: list[dict] = []
     py = sys.executable
-    data = f"data_dir={args.data_dir}"
+    data = [f"data_dir={args.data_dir}", f"dataset={args.dataset}"]
     smoke_ft = SMOKE["finetune"] if args.smoke else []
     smoke_dtem = SMOKE["dtem"] if args.smoke else []
     model = work / "dinov2_s14_cifar10"
@@ -132,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # 1-2. Fine-tune and ship: everything else needs the model.
         if not model.exists():
             rc = run([py, "-m", "train.train", "--config", str(FINETUNE), "--workdir",
-                      str(work / "ft"), "--set", f"init_from={args.backbone}", data, *smoke_ft],
+                      str(work / "ft"), "--set", f"init_from={args.backbone}", *data, *smoke_ft],
                      log, budget.left() - 20)
             if rc != 0:
                 return 1
@@ -145,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # 3. The off-the-shelf table on the test split.
         sweep_out = work / "sweep"
         if budget.left() > 120 or args.smoke:
-            run([py, "-m", "eval.sweep", "--checkpoint", str(model), "--data", "cifar10_jpeg",
+            run([py, "-m", "eval.sweep", "--checkpoint", str(model), "--data", args.dataset,
                  "--data-dir", args.data_dir, "--r", *args.r, "--strategy", "tome", "random",
                  "prune", "--batch-size", "500", "--runs", str(args.sweep_runs), "--out",
                  str(sweep_out), "--no-progress", "--cache-mib", "8192"], log,
@@ -176,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r, seed in runs:
             wd = work / f"dtem_r{r}_s{seed}"
             procs.append(run([py, "-m", "train.train", "--config", str(DTEM), "--workdir",
-                              str(wd), "--set", f"init_from={model}", data, f"r={r}",
+                              str(wd), "--set", f"init_from={model}", *data, f"r={r}",
                               f"seed={seed}", f"steps={steps}", f"save_every={steps}",
                               *smoke_dtem], log, budget.left() - 45,
                              env={"XLA_PYTHON_CLIENT_MEM_FRACTION": fraction}, wait=False))
@@ -198,14 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             specs = [f"ToMe (keys)={model}"] + [f"DTEM modular seed {s}={m}"
                                                  for s, m in shipped[r]]
-            procs.append(run([py, "-m", "eval.paired", "--data", "cifar10_jpeg", "--data-dir",
+            procs.append(run([py, "-m", "eval.paired", "--data", args.dataset, "--data-dir",
                               args.data_dir, "--r", r,
                               *specs, "--out", str(work / f"paired_r{r}.md")], log,
                              budget.left() - 5, wait=False,
                              env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.4"}))
         for p in procs:
             finish(p)
-        return 0
+        return 0 if all(e.get("rc") == 0 for e in log) else 1
     finally:
         summary["budget_left_s"] = round(budget.left(), 1)
         save()
