@@ -19,8 +19,8 @@ docs/benchmark.md), so give the whole chain half an hour or more; on a CPU, --sm
 chain at 28 px in a few minutes. The DTEM runs get the steps that the time left allows
 (--dtem-min-steps to --dtem-max-steps), from the fine-tune's measured step time. A step the
 budget cannot fit is skipped and says so; the exit status is 1 if any command failed.
-Rerunning with the same WORK skips the fine-tune once its model directory exists. WORK/summary.json records every command, its wall time and
-exit status.
+Rerunning with the same WORK skips the fine-tune once its model directory exists.
+WORK/summary.json records every command, its wall time and exit status.
 """
 
 from __future__ import annotations
