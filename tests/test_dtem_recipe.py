@@ -81,6 +81,35 @@ def test_recipe_decays_only_the_embedding_kernels():
             assert not u.any(), k
 
 
+def test_frozen_parameters_cost_no_weight_gradients(monkeypatch):
+    # The frozen step must update exactly as differentiating everything and discarding the
+    # frozen part would, with the backbone's weight-gradient matmuls gone from the program.
+    from tome_jax.training import step as step_module
+
+    cfg = load_config(RECIPE, TINY + ["mixup=0", "cutmix=0", "width=64", "mlp_dim=256"])
+    model = make_model(cfg)
+    params = jax.jit(model.clone(r=0).init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape),
+                          params["params"])  # a non-zero head: every gradient is non-zero
+    tx = make_optimizer(cfg, params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    batch = {"image": jax.random.normal(jax.random.key(2), (8, 32, 32, 3)),
+             "label": jnp.arange(8) % 3}
+    def compiled():
+        return jax.jit(step_module.make_train_step(model, tx, cfg)).lower(state, batch).compile()
+
+    stopped = compiled()
+    monkeypatch.setattr(step_module, "stop_frozen_gradients", lambda p, freeze: p)
+    full = compiled()
+    (new, metrics), (want, _) = stopped(state, batch), full(state, batch)
+    for k, v in flatten(new["params"]).items():
+        np.testing.assert_allclose(np.asarray(v), np.asarray(flatten(want["params"])[k]),
+                                   rtol=1e-6, atol=1e-7, err_msg=k)
+    assert float(metrics["grad_norm"]) > 0
+    ratio = stopped.cost_analysis()["flops"] / full.cost_analysis()["flops"]
+    assert ratio < 0.8, ratio
+
+
 @pytest.mark.slow  # a training run: about 50 s on 2 cores
 def test_tiny_run_with_the_recipe_trains_only_the_embeddings(folder, backbone, tmp_path):
     cfg = load_config(RECIPE, TINY + [f"data_dir={folder}", f"init_from={backbone}"])

@@ -9,12 +9,14 @@ would have.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from tome_jax.params import path_names
 from tome_jax.training.config import Config
 from tome_jax.training.state import State
 from tome_jax.vit import ViT
@@ -50,9 +52,27 @@ def mix_batch(images: jax.Array, labels: jax.Array, key: jax.Array,
     return images, lam * labels + (1 - lam) * partner_labels
 
 
+def stop_frozen_gradients(params: dict, freeze: str) -> dict:
+    """The same tree with every parameter whose "a/b/c" path matches `freeze` behind
+    `stop_gradient`.
+
+    The optimizer discards frozen gradients anyway; stopping them here means the backward pass
+    never computes them: for modular DTEM that drops every weight-gradient matmul of the
+    backbone, leaving only the activation gradients the embeddings need.
+    """
+    if not freeze:
+        return params
+    frozen = re.compile(freeze)
+    return jax.tree.map(lambda p, n: jax.lax.stop_gradient(p) if frozen.search(n) else p,
+                        params, path_names(params))
+
+
 def make_train_step(model: ViT, tx: optax.GradientTransformation,
                     cfg: Config) -> Callable[[State, dict], tuple[State, dict]]:
-    """(state, batch) -> (next state, {"loss", "accuracy", "grad_norm"} scalars)."""
+    """(state, batch) -> (next state, {"loss", "accuracy", "grad_norm"} scalars).
+
+    grad_norm is the norm of the trained parameters' gradients (frozen ones are zero).
+    """
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         key = jax.random.fold_in(jax.random.key(cfg.seed + 1), state["step"])
         k_mix, k_dropout = jax.random.split(key)
@@ -61,6 +81,7 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation,
         targets = optax.smooth_labels(targets, cfg.label_smoothing)
 
         def loss_fn(params):
+            params = stop_frozen_gradients(params, cfg.freeze)
             logits, _ = model.apply({"params": params}, images, train=True,
                                     rngs={"dropout": k_dropout})
             return optax.softmax_cross_entropy(logits, targets).mean(), logits
