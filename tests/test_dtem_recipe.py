@@ -11,7 +11,7 @@ import pytest
 
 from tome_jax import dtem, sources
 from tome_jax.checkpoint import save_model
-from tome_jax.params import flatten
+from tome_jax.params import flatten, random_params
 from tome_jax.training.config import frozen_backbone_warnings, load_config
 from tome_jax.training.loop import train
 from tome_jax.training.optim import lr_schedule, make_optimizer
@@ -86,15 +86,14 @@ def test_frozen_parameters_cost_no_weight_gradients(monkeypatch):
     # frozen part would, with the backbone's weight-gradient matmuls gone from the program.
     from tome_jax.training import step as step_module
 
-    cfg = load_config(RECIPE, TINY + ["mixup=0", "cutmix=0", "width=64", "mlp_dim=256"])
+    cfg = load_config(RECIPE, TINY + ["mixup=0", "cutmix=0"])
     model = make_model(cfg)
-    params = jax.jit(model.clone(r=0).init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape),
-                          params["params"])  # a non-zero head: every gradient is non-zero
+    params = random_params(model, 32)  # the head too: every gradient is non-zero
     tx = make_optimizer(cfg, params)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     batch = {"image": jax.random.normal(jax.random.key(2), (8, 32, 32, 3)),
              "label": jnp.arange(8) % 3}
+
     def compiled():
         return jax.jit(step_module.make_train_step(model, tx, cfg)).lower(state, batch).compile()
 

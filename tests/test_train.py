@@ -187,6 +187,7 @@ def test_fsdp_matches_data_parallel(folder, tmp_path):
     assert_same(one, fsdp, atol=2e-5)
 
 
+@pytest.mark.slow  # two 10-step training runs in subprocesses, one killed: 1-1.5 min
 def test_sigkill_at_a_random_step_then_resume_is_exact(folder, tmp_path):
     steps = 10
     # RandAugment on: its draws must resume exactly too (only here: rebuilding its tf.data
@@ -212,6 +213,7 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(folder, tmp_path):
     assert logged == list(range(2, steps + 1, 2)), logged  # each step once, resumed or not
 
 
+@pytest.mark.slow  # two training runs in subprocesses: about 50 s
 def test_corrupt_latest_checkpoint_falls_back(folder, tmp_path):
     run(tmp_path, folder, "steps=4", "save_every=2")
     latest = tmp_path / "checkpoints" / "4"
@@ -336,6 +338,7 @@ def test_batch_not_divisible_by_devices(folder, tmp_path):
     assert proc.returncode != 0 and "batch_size 12 is not divisible by the 8 devices" in out
 
 
+@pytest.mark.slow  # a training run in a subprocess: about 25 s
 def test_workdir_of_another_model_is_refused(folder, tmp_path):
     run(tmp_path, folder, "steps=2", "save_every=2")
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -362,6 +365,7 @@ def test_ship_writes_a_loadable_model(folder, tmp_path):
         ship(tmp_path / "run", tmp_path / "model")
 
 
+@pytest.mark.slow  # a 2-device training run in a subprocess: about 30 s
 def test_ship_a_run_trained_on_another_device_count(folder, tmp_path):
     # A pod's checkpoint is shipped on one host: restoring "as saved" refused the 2-device
     # topology in a 1-device process and every checkpoint was reported unreadable.

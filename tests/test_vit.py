@@ -205,6 +205,7 @@ def test_prune_keeps_most_attended_tokens_in_order():
                                   [[0, 1, 2, 3], [0, 2, 3, 4]])
 
 
+@pytest.mark.slow  # op by op with source tracing: about 20 s each
 @pytest.mark.parametrize("strategy", ["random", "prune"])
 def test_baseline_strategies_match_tome_token_counts(strategy):
     model = ViT(**SMALL, r=3, strategy=strategy, trace_source=True)

@@ -26,6 +26,7 @@ WORK/summary.json records every command, its wall time and exit status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -34,6 +35,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from tome_jax.training.summary import read_metrics, summarise
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 FINETUNE = CONFIGS / "dinov2_s14_cifar10.json"
@@ -74,25 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclasses.dataclass
+class Started:
+    """A command started by `run`: its process, its record in the log, its timeout (s)."""
+    proc: subprocess.Popen
+    entry: dict
+    timeout: float
+
+
 def run(cmd: Sequence[str], log: list[dict], timeout: float, env: dict | None = None,
-        wait: bool = True) -> subprocess.Popen | int:
+        wait: bool = True) -> Started | int | str:
     """Runs (or with wait=False starts) one command; its record goes into `log`."""
     print("+", shlex.join(cmd), flush=True)
     entry = {"cmd": shlex.join(cmd), "start": time.time()}
     log.append(entry)
-    proc = subprocess.Popen(list(cmd), env={**os.environ, **(env or {})})
-    proc.entry, proc.timeout = entry, timeout  # type: ignore[attr-defined]
-    return finish(proc) if wait else proc
+    started = Started(subprocess.Popen(list(cmd), env={**os.environ, **(env or {})}), entry,
+                      timeout)
+    return finish(started) if wait else started
 
 
-def finish(proc: subprocess.Popen) -> int:
-    """Waits for a started command within its timeout (killed past it); its exit status."""
-    entry = proc.entry  # type: ignore[attr-defined]
+def finish(started: Started) -> int | str:
+    """Waits for a started command within its timeout (killed past it); its exit status, or
+    "timeout"."""
+    entry = started.entry
     try:
-        rc = proc.wait(timeout=max(1.0, proc.timeout - (time.time() - entry["start"])))  # type: ignore[attr-defined]
+        rc = started.proc.wait(timeout=max(1.0, started.timeout - (time.time() - entry["start"])))
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        started.proc.kill()
+        started.proc.wait()
         rc = "timeout"
     entry.update(seconds=round(time.time() - entry["start"], 1), rc=rc)
     print(f"  -> {rc} after {entry['seconds']} s", flush=True)
@@ -100,13 +112,11 @@ def finish(proc: subprocess.Popen) -> int:
 
 
 def step_time(workdir: Path) -> float | None:
-    """The last logged training step time (seconds) in WORKDIR/metrics.jsonl."""
-    times = []
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "step_time" in row:
-            times.append(row["step_time"])
-    return times[-1] if times else None
+    """The median logged training step time (seconds) of a train.train workdir."""
+    try:
+        return summarise(read_metrics(workdir))["step_time"]
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
