@@ -158,7 +158,20 @@ def test_train_rows_and_table():
     for row in rows:
         assert row["im_s"] > 0 and row["compile_s"] > 0 and row["total_mib"] > row["mib"] > 0
     table = B.format_train(rows).splitlines()
-    assert table[0].startswith("| r | tokens left |") and table[3].startswith("| 2 | 15 |")
+    assert table[0].startswith("| r | step | tokens left |")
+    assert table[3].startswith("| 2 | fine-tune | 15 |")
+
+
+def test_dtem_modular_train_rows():
+    # r = 0 fine-tunes everything; r = 2 is DTEM's modular step: soft merging keeps all 17
+    # tokens, and with only the embeddings trained its program has fewer FLOPs than the
+    # fine-tune's despite the embeddings and the soft matching.
+    rows = B.benchmark_train("mu/4", 2, 16, [0, 2], runs=1, warmup=0, dtype=jnp.float32,
+                             dtem_modular=True, dtem_dim=4)
+    assert [(r["step"], r["tokens"]) for r in rows] == [("fine-tune", 17), ("DTEM modular", 17)]
+    assert rows[1]["gflops"] > rows[0]["gflops"]  # the embeddings' matmuls
+    assert all(r["im_s"] > 0 and r["total_mib"] > r["mib"] > 0 for r in rows)
+    assert "| 2 | DTEM modular | 17 |" in B.format_train(rows)
 
 
 def test_time_calls_round_robin_and_xla_memory():
@@ -225,16 +238,22 @@ def test_cli_vs_torch(monkeypatch, capsys):
 def test_cli_train(monkeypatch, capsys):
     seen = {}
 
-    def fake_train(variant, batch, resolution, schedules, runs, warmup, dtype):
-        seen.update(variant=variant, batch=batch, schedules=schedules)
-        return [dict(r=0, tokens=17, gflops=1.0, flops_speedup=1.0, im_s=2.0, speedup=1.0,
-                     efficiency=1.0, compile_s=0.5, mib=3.0, total_mib=5.0)]
+    def fake_train(variant, batch, resolution, schedules, runs, warmup, dtype, *,
+                   dtem_modular, dtem_dim):
+        seen.update(variant=variant, batch=batch, schedules=schedules, modular=dtem_modular,
+                    dim=dtem_dim)
+        return [dict(r=0, step="fine-tune", tokens=17, gflops=1.0, flops_speedup=1.0, im_s=2.0,
+                     speedup=1.0, efficiency=1.0, compile_s=0.5, mib=3.0, total_mib=5.0)]
 
     monkeypatch.setattr(B, "benchmark_train", fake_train)
     cli.main(["--variant", "mu/4", "--batch-size", "2", "--r", "0", "16", "--train"])
     out = capsys.readouterr().out
-    assert seen == dict(variant="mu/4", batch=2, schedules=[0, 16])
-    assert "training step" in out and "| 0 | 17 | 1.00 | 1.00x | 2.00 | 1.00x |" in out
+    assert seen == dict(variant="mu/4", batch=2, schedules=[0, 16], modular=False, dim=None)
+    assert "training step" in out
+    assert "| 0 | fine-tune | 17 | 1.00 | 1.00x | 2.00 | 1.00x |" in out
+    cli.main(["--variant", "mu/4", "--batch-size", "2", "--r", "0", "16", "--train",
+              "--dtem-modular", "--dtem-dim", "8"])
+    assert seen["modular"] is True and seen["dim"] == 8
 
 
 def test_cli_defaults_unchanged(monkeypatch):
@@ -263,7 +282,8 @@ def test_bad_cli_input(capsys):
                           (["--case", "B/16"], "expected VARIANT:BATCH"),
                           (["--case", "B/16:0"], "expected VARIANT:BATCH"),
                           (["--attention", "flash"], "invalid choice"),
-                          (["--train", "--vs-torch"], "do not go together")):
+                          (["--train", "--vs-torch"], "do not go together"),
+                          (["--dtem-modular"], "add --train")):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert message in capsys.readouterr().err

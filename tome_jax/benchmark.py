@@ -25,6 +25,8 @@ the input images.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import statistics
 import weakref
 from collections.abc import Callable, Sequence
@@ -32,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from tome_jax import dtem
 from tome_jax import merge as tome
@@ -300,12 +303,14 @@ def torch_peak_bytes(call: Callable[[], Any]) -> int:
     return tracker.peak
 
 
-TRAIN_HEADER = ("r", "tokens left", "GFLOPs", "FLOPs-limit speed-up", "im/s", "measured speed-up",
-                "measured / limit", "compile s", "MiB", "MiB with inputs")
+TRAIN_HEADER = ("r", "step", "tokens left", "GFLOPs", "FLOPs-limit speed-up", "im/s",
+                "measured speed-up", "measured / limit", "compile s", "MiB", "MiB with inputs")
+FINETUNE, DTEM_MODULAR = "fine-tune", "DTEM modular"
 
 
 def benchmark_train(variant: str, batch: int, resolution: int, schedules: Sequence[Schedule],
-                    runs: int, warmup: int, dtype: Any) -> list[dict]:
+                    runs: int, warmup: int, dtype: Any, *, dtem_modular: bool = False,
+                    dtem_dim: int | None = None) -> list[dict]:
     """Training-step speed per schedule: the project's step (`training.step.make_train_step`:
     AdamW, clipping, label smoothing, drop path 0.1) on random images and labels, 1000 classes.
 
@@ -314,6 +319,12 @@ def benchmark_train(variant: str, batch: int, resolution: int, schedules: Sequen
     step: mib (what a step allocates on top of its inputs: the new state, the activations kept
     for the backward, gradients, temporaries) and total_mib (with the inputs: parameters,
     optimizer state and batch).
+
+    dtem_modular: every schedule that merges is timed as DTEM's modular step instead (the soft
+    path with an embedding of width dtem_dim, default `dtem.default_dim`; everything but the
+    embeddings frozen, no drop path), against r = 0 fine-tuning the whole model. The soft path
+    keeps every token (merged ones get size ~0), so its forward FLOPs are r = 0's plus the
+    embeddings'.
     """
     from tome_jax.training.config import Config
     from tome_jax.training.optim import make_optimizer
@@ -325,17 +336,38 @@ def benchmark_train(variant: str, batch: int, resolution: int, schedules: Sequen
     base = ViT(variant=variant, num_classes=1000, dtype=dtype, drop_path=cfg.drop_path)
     images = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3), dtype)
     labels = jax.random.randint(jax.random.key(1), (batch,), 0, 1000)
-    params = jax.eval_shape(base.init, jax.random.key(2), images[:1])["params"]
-    tx = make_optimizer(cfg, params)
-    state = init_state(cfg, base, tx)
-    models = [base.clone(r=r) for r in schedules]
-    timings = time_interleaved([make_train_step(m, tx, cfg) for m in models],
-                               (state, {"image": images, "label": labels}), runs, warmup)
+
+    def setup(config: Config, model: ViT) -> tuple[optax.GradientTransformation, dict]:
+        params = jax.eval_shape(model.init, jax.random.key(2), images[:1])["params"]
+        tx = make_optimizer(config, params)
+        return tx, init_state(config, model, tx)
+
+    tx, state = setup(cfg, base)
+    steps, models, kinds, states = [], [], [], [state]
+    if dtem_modular:
+        dims = base.dims
+        soft = base.clone(dtem_dim=dtem_dim or dtem.default_dim(dims.width, dims.num_heads),
+                          soft_merge=True, drop_path=0.0)
+        soft_cfg = dataclasses.replace(cfg, drop_path=0.0, freeze=f"^(?!.*{dtem.EMBED_NAME})")
+        soft_tx, soft_state = setup(soft_cfg, soft)
+        states.append(soft_state)
+    for r in schedules:
+        modular = dtem_modular and r not in (0, "0")
+        model = soft.clone(r=r) if modular else base.clone(r=r)
+        step = (make_train_step(model, soft_tx, soft_cfg) if modular
+                else make_train_step(model, tx, cfg))
+        # Every step gets both states; each uses its own.
+        steps.append(functools.partial(_own_state, step, int(modular)))
+        models.append(model)
+        kinds.append(DTEM_MODULAR if modular else FINETUNE)
+    timings = time_interleaved(steps, (tuple(states), {"image": images, "label": labels}),
+                               runs, warmup)
     rows = []
-    for r, model, timing in zip(schedules, models, timings, strict=True):
+    for r, model, kind, timing in zip(schedules, models, kinds, timings, strict=True):
         memory = timing.memory
-        rows.append(dict(r=r, tokens=model.token_schedule(resolution)[1][-1],
-                         gflops=model.flops(resolution) / 1e9, compile_s=timing.compile_s,
+        counted = model.clone(r=0) if kind == DTEM_MODULAR else model
+        rows.append(dict(r=r, step=kind, tokens=counted.token_schedule(resolution)[1][-1],
+                         gflops=counted.flops(resolution) / 1e9, compile_s=timing.compile_s,
                          times=timing.times,
                          mib=None if memory is None else memory.working / MIB,
                          total_mib=None if memory is None else memory.total / MIB))
@@ -343,10 +375,15 @@ def benchmark_train(variant: str, batch: int, resolution: int, schedules: Sequen
     return rows
 
 
+def _own_state(step: Callable, index: int, states: tuple, batch: dict) -> Any:
+    return step(states[index], batch)
+
+
 def format_train(rows: list[dict]) -> str:
     """`benchmark_train`'s rows as a Markdown table."""
     return markdown_table(TRAIN_HEADER, [
-        [str(row["r"]), str(row["tokens"]), f"{row['gflops']:.2f}", f"{row['flops_speedup']:.2f}x",
+        [str(row["r"]), row["step"], str(row["tokens"]), f"{row['gflops']:.2f}",
+         f"{row['flops_speedup']:.2f}x",
          f"{row['im_s']:.2f}", f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}",
          f"{row['compile_s']:.1f}", _opt(row["mib"], 1, ".0f"), _opt(row["total_mib"], 1, ".0f")]
         for row in rows])

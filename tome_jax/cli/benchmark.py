@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.set_num_threads for --vs-torch (default: the cores)")
     p.add_argument("--train", action="store_true",
                    help="time the training step per r instead of the forward")
+    p.add_argument("--dtem-modular", action="store_true",
+                   help="with --train: time DTEM's modular step (soft merging, only the "
+                        "embeddings train) at every r > 0, against fine-tuning at r = 0")
     p.add_argument("--merge-time", action=argparse.BooleanOptionalAction, default=True,
                    help="time each block's merge step on its own (not with --vs-torch)")
     p.add_argument("--attention", choices=attention.IMPLEMENTATIONS, default="auto",
@@ -113,7 +116,8 @@ def _table(args: argparse.Namespace, variant: str, batch: int, dtype: str) -> No
           f"median of {args.runs} runs after {args.warmup} warm-up{_load()}", flush=True)
     if args.train:
         rows = bench.benchmark_train(variant, batch, args.image_size, args.r, args.runs,
-                                     args.warmup, jnp.dtype(dtype))
+                                     args.warmup, jnp.dtype(dtype),
+                                     dtem_modular=args.dtem_modular, dtem_dim=args.dtem_dim)
         print(bench.format_train(rows))
         return
     rows = bench.benchmark(variant, batch, args.image_size, args.r, args.runs, args.warmup,
@@ -136,6 +140,8 @@ def _tables(args: argparse.Namespace) -> None:
         raise ValueError("--runs and --batch-size must be positive")
     if args.train and args.vs_torch:
         raise ValueError("--train and --vs-torch do not go together")
+    if args.dtem_modular and not args.train:
+        raise ValueError("--dtem-modular times training steps: add --train")
     with attention.use(args.attention):
         for dtype in args.dtype:
             for variant, batch in _cases(args):
