@@ -52,3 +52,25 @@ def test_smoke_chain(tmp_path):
     assert {r.split(",")[0] for r in rows[1:]} == {"-", "tome", "random", "prune"}
     table = (work / "paired_r1.md").read_text()
     assert "DTEM modular seed 0" in table and "DTEM modular seed 1" in table
+
+
+def test_commands_are_logged_with_their_status_and_a_timeout_kills(tmp_path, capsys):
+    from train.dinov2_cifar10 import finish, run
+
+    log = []
+    assert run([sys.executable, "-c", "raise SystemExit(3)"], log, timeout=60) == 3
+    started = run([sys.executable, "-c", "import time; time.sleep(60)"], log, timeout=0.5,
+                  wait=False)
+    assert finish(started) == "timeout" and started.proc.poll() is not None
+    assert [e["rc"] for e in log] == [3, "timeout"] and all("seconds" in e for e in log)
+    assert "-> timeout after" in capsys.readouterr().out
+
+
+def test_step_time_is_the_median_without_the_compile_window(tmp_path):
+    from train.dinov2_cifar10 import step_time
+
+    rows = [{"step": 10 * (i + 1), "step_time": t, "images_per_s": 32 / t}
+            for i, t in enumerate((50.0, 2.0, 4.0, 3.0))] + [{"step": 40, "eval_top1": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert step_time(tmp_path) == 3.0
+    assert step_time(tmp_path / "absent") is None  # a reused model: no fine-tune workdir
