@@ -352,7 +352,8 @@ def benchmark_train(variant: str, batch: int, resolution: int, schedules: Sequen
         soft_tx, soft_state = setup(soft_cfg, soft)
         states.append(soft_state)
     for r in schedules:
-        modular = dtem_modular and r not in (0, "0")
+        # A schedule that merges nothing (r = 0 in any of its forms) is fine-tuned as is.
+        modular = dtem_modular and any(base.clone(r=r).token_schedule(resolution)[0])
         model = soft.clone(r=r) if modular else base.clone(r=r)
         step = (make_train_step(model, soft_tx, soft_cfg) if modular
                 else make_train_step(model, tx, cfg))

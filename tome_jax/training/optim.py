@@ -50,6 +50,13 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
     return wsd
 
 
+def frozen_mask(params: Any, freeze: str) -> Any:
+    """The params tree with True where the "a/b/c" path matches the regex `freeze` (nothing
+    matches ""): the one definition of frozen that the optimizer and the train step share."""
+    frozen = re.compile(freeze) if freeze else None
+    return jax.tree.map(lambda n: bool(frozen and frozen.search(n)), path_names(params))
+
+
 def make_optimizer(cfg: Config, params: Any) -> optax.GradientTransformation:
     """AdamW, warm-up + decay, clipping, decay off 1-D params and tokens, optional freezing.
 
@@ -64,8 +71,8 @@ def make_optimizer(cfg: Config, params: Any) -> optax.GradientTransformation:
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                     mask=decay_mask))
     if cfg.freeze:
-        frozen = re.compile(cfg.freeze)
-        labels = jax.tree.map(lambda n: "frozen" if frozen.search(n) else "trained", names)
+        labels = jax.tree.map(lambda f: "frozen" if f else "trained",
+                              frozen_mask(params, cfg.freeze))
         if not any(v == "trained" for v in jax.tree.leaves(labels)):
             raise ValueError(f"freeze={cfg.freeze!r} freezes every parameter")
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)

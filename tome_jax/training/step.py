@@ -9,15 +9,14 @@ would have.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tome_jax.params import path_names
 from tome_jax.training.config import Config
+from tome_jax.training.optim import frozen_mask
 from tome_jax.training.state import State
 from tome_jax.vit import ViT
 
@@ -62,9 +61,8 @@ def stop_frozen_gradients(params: dict, freeze: str) -> dict:
     """
     if not freeze:
         return params
-    frozen = re.compile(freeze)
-    return jax.tree.map(lambda p, n: jax.lax.stop_gradient(p) if frozen.search(n) else p,
-                        params, path_names(params))
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p,
+                        params, frozen_mask(params, freeze))
 
 
 def make_train_step(model: ViT, tx: optax.GradientTransformation,
