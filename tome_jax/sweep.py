@@ -16,7 +16,7 @@ counts at the same r, so same r means same FLOPs; r = 0 is one shared row, strat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,9 @@ def sweep(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]], 
           image_size: int, schedules: Sequence[Schedule], strategies: Sequence[str] = ("tome",),
           accuracy: bool = True, fidelity: bool = False, num_classes: int | None = None,
           runs: int = 5, warmup: int = 1, time_batch: int | None = None,
-          cache_bytes: float = 0, show: bool = True) -> list[Row]:
+          cache_bytes: float = 0, show: bool = True,
+          measured: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+          on_measured: Callable[[Row], None] | None = None) -> list[Row]:
     """Evaluates every (strategy, r) of `plan`; returns one row dict per configuration.
 
     model: any ViT (its own r and strategy are ignored). batches: re-iterable numpy batches
@@ -239,6 +241,10 @@ def sweep(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]], 
       timing.
     cache_bytes: keep the decoded batches in memory when they fit (`cache_batches`); 0 reads
       the data again for every configuration.
+    measured: quality already measured by an interrupted run of this same sweep, keyed by
+      (strategy, r text) (`tome_jax.sweep_resume`): those rows take it instead of evaluating
+      again. Timing is always measured afresh.
+    on_measured: called with each row once its quality is measured (to keep progress).
     Rows: strategy, r (text), schedule, tokens, gflops, flops_speedup, top1, top5, fid_mean,
       fid_min, im_s, speedup, compile_s (None where not measured).
     """
@@ -266,8 +272,15 @@ def sweep(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]], 
                          fid_mean=None, fid_min=None, im_s=None, speedup=None,
                          compile_s=None))
 
+    measured = measured or {}
+    todo = [(row, m) for row, m in zip(rows, models, strict=True)
+            if (row["strategy"], row["r"]) not in measured]
+    for row in rows:
+        row.update(measured.get((row["strategy"], row["r"]), {}))
     ref = None
-    for row, m in progress(list(zip(rows, models, strict=True)), "configs", enabled=show):
+    if fidelity and todo and todo[0][0] is not rows[0]:  # the r = 0 reference was reused
+        ref = extract_features(models[0], params, batches, show=show)
+    for row, m in progress(todo, "configs", enabled=show):
         if accuracy:
             res = evaluate(m, params, batches, num_classes=num_classes)
             row.update(top1=res["top1"], top5=res["top5"], count=res["count"])
@@ -276,6 +289,8 @@ def sweep(model: ViT, params: Params, batches: Iterable[dict[str, np.ndarray]], 
             ref = feats if ref is None else ref  # rows[0] is the r = 0 reference
             row["fid_mean"], row["fid_min"] = cosine_fidelity(feats, ref)
             row["count"] = len(feats)
+        if on_measured is not None:
+            on_measured(row)
 
     if runs > 0:
         first = next(iter(batches))["image"]

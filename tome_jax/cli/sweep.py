@@ -13,6 +13,12 @@ configurations so machine drift hits them alike), with the speed-up over r = 0. 
 OUT.md and OUT.png (quality against im/s and against GFLOPs, one line per strategy); OUT may be
 an object-store URL (gs://bucket/sweep).
 
+An interrupted sweep resumes: each configuration's quality is kept in OUT.partial.jsonl as
+soon as it is measured, under a key of the weights, model, data and options
+(`tome_jax.sweep_resume`), and the same command run again measures only the rest (every
+configuration is timed again, as timing is one interleaved run). The file goes once OUT.csv is
+written; `--no-resume` ignores it.
+
 Strategies (`tome_jax.vit.ViT.strategy`): "tome" (ToMe), "random" (the same bipartite merge
 with random pairs) and "prune" (drop the r tokens the class token attends to least). All three
 leave the same token counts at the same r, so same r means same FLOPs; r = 0 is one shared row.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -83,6 +90,9 @@ def build_parser(prog: str = "python -m eval.sweep", description: str | None = _
     p.add_argument("--out", default="sweep_results/sweep",
                    help="output prefix: writes OUT.csv, OUT.md, OUT.png; may be an "
                         "object-store URL, gs://BUCKET/PATH")
+    p.add_argument("--no-resume", action="store_true",
+                   help="measure every configuration, ignoring OUT.partial.jsonl (what an "
+                        "interrupted run of the same sweep had measured)")
     p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
@@ -95,7 +105,9 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
     import jax
     import jax.numpy as jnp
 
+    import tome_jax
     from tome_jax import inputs
+    from tome_jax import sweep_resume as resume
     from tome_jax.params import random_params
     from tome_jax.sweep import check_strategies, format_markdown, summary, sweep, write_csv
 
@@ -120,17 +132,37 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
     if not accuracy and not args.fidelity:
         raise ValueError("the model has no classification head (num_classes=0): pass "
                          "--fidelity to compare features")
+    out = as_path(args.out)
+    if not is_remote(out):  # an object store has no folders to make
+        out.parent.mkdir(parents=True, exist_ok=True)
+    key = resume.fingerprint(params, dict(
+        model=repr(model.clone(r=0, strategy="tome")), data=args.data, split=split,
+        data_dir=str(args.data_dir), image_size=image_size, normalization=normalization,
+        eval_crop=args.eval_crop, skip_bad_images=args.skip_bad_images,
+        batch_size=args.batch_size, accuracy=accuracy, fidelity=args.fidelity,
+        version=tome_jax.__version__))
+    partial = resume.progress_path(out)
+    measured, warning = ({}, None) if args.no_resume else resume.load(partial, key)
+    lead = jax.process_index() == 0
+    if lead and warning:
+        print(warning, file=sys.stderr, flush=True)
+    if lead and measured:
+        print(f"resuming: {len(measured)} configuration(s) already measured, from {partial}",
+              file=sys.stderr, flush=True)
+    done = dict(measured)
+
+    def keep(row: Row) -> None:
+        done[(row["strategy"], row["r"])] = {k: row.get(k) for k in resume.QUALITY}
+        if lead:
+            resume.save(partial, key, done)
+
     start = time.perf_counter()
     rows = sweep(model, params, batches, image_size=image_size, schedules=args.r,
                  strategies=strategies, accuracy=accuracy, fidelity=args.fidelity,
                  num_classes=batches.num_classes, runs=args.runs, warmup=args.warmup,
                  time_batch=args.time_batch, cache_bytes=args.cache_mib * 2 ** 20,
-                 show=not args.no_progress)
+                 show=not args.no_progress, measured=measured, on_measured=keep)
     seconds = time.perf_counter() - start
-
-    out = as_path(args.out)
-    if not is_remote(out):  # an object store has no folders to make
-        out.parent.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
     name = checkpoint or f"random {args.variant}"
     title = args.title or (f"{name}, {args.data} {split} ({rows[0].get('count', '?')} images), "
@@ -145,7 +177,9 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
         header += f"; {skipped_line(batches.skipped)}"
     as_path(f"{out}.md").write_text(f"{header}\n\n{format_markdown(rows)}\n")
     write_plot(rows, f"{out}.png", title)
-    if jax.process_index() == 0:
+    if lead:
+        resume.remove(partial)
+    if lead:
         print(header)
         print(format_markdown(rows))
         if args.json:
