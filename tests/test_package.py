@@ -146,7 +146,7 @@ def test_the_pil_reader_refuses_what_only_tf_data_does(kwargs, message):
 def test_wheel_holds_the_command_and_the_default_and_no_tensorflow(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+    for name in ("pyproject.toml", "setup.cfg", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "tome_jax", src / "tome_jax",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -167,6 +167,9 @@ def test_wheel_holds_the_command_and_the_default_and_no_tensorflow(tmp_path):
             if line.startswith("Requires-Dist:") and "extra ==" not in line]
     assert core and not any("tensorflow" in line for line in core)
     assert "Project-URL: Repository, https://github.com/tome-jax/tome-jax" in meta
+    # An SPDX expression (the TOML-table form is deprecated) and the licence text itself.
+    assert "License-Expression: Apache-2.0" in meta.splitlines()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 @pytest.mark.parametrize("module, flag", [("tome_jax.vis", "--normalization"),
