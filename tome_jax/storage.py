@@ -109,3 +109,20 @@ def local_log_dir(url: AnyPath) -> pathlib.Path:
     scheme = url_scheme(text) or "local"
     rest = [p for p in text.split("://", 1)[-1].split("/") if p not in ("", ".", "..")]
     return pathlib.Path(tempfile.gettempdir(), "tome_jax", scheme, *rest)
+
+
+def write_atomically(path: AnyPath, text: str) -> None:
+    """Replaces `path` by `text` all at once; an OSError names `path` (a full disk)."""
+    if is_remote(path):  # an object appears whole once written
+        try:
+            path.write_text(text)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None

@@ -15,13 +15,12 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from tome_jax.storage import AnyPath, as_path, is_remote
+from tome_jax.storage import AnyPath, as_path, write_atomically
 
 QUALITY = ("top1", "top5", "count", "fid_mean", "fid_min")
 Measured = dict[tuple[str, str], dict[str, Any]]  # (strategy, r text) -> QUALITY values
@@ -91,19 +90,10 @@ def load(path: AnyPath, key: str) -> tuple[Measured, str | None]:
 
 
 def save(path: AnyPath, key: str, measured: Measured) -> None:
-    """Writes every measured configuration under `key`, replacing the file whole.
-
-    Locally through a temporary file and a rename, so a kill mid-write leaves the old file.
-    """
-    text = "".join(json.dumps({"key": key, "strategy": s, "r": r, **quality}) + "\n"
-                   for (s, r), quality in measured.items())
-    if is_remote(path):
-        path.write_text(text)
-        return
-    local = Path(path)
-    tmp = local.with_name(local.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, local)
+    """Writes every measured configuration under `key`, replacing the file whole, so a kill
+    mid-write leaves the old file (`storage.write_atomically`)."""
+    write_atomically(path, "".join(json.dumps({"key": key, "strategy": s, "r": r, **quality})
+                                   + "\n" for (s, r), quality in measured.items()))
 
 
 def remove(path: AnyPath) -> None:

@@ -179,7 +179,6 @@ def sweep_command(args: argparse.Namespace) -> list[Row]:
     write_plot(rows, f"{out}.png", title)
     if lead:
         resume.remove(partial)
-    if lead:
         print(header)
         print(format_markdown(rows))
         if args.json:

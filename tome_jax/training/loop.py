@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tome_jax import sharding
-from tome_jax.storage import AnyPath, as_path, is_remote, local_log_dir
+from tome_jax.storage import AnyPath, as_path, is_remote, local_log_dir, write_atomically
 from tome_jax.training.agree import all_processes, any_process
 from tome_jax.training.checkpoints import Checkpoints, SaveError, check_workdir
 from tome_jax.training.config import Config, warn_frozen_backbone
@@ -95,23 +95,6 @@ def upload_log(local: Path, remote: AnyPath) -> None:
     except OSError as err:
         logging.warning("the log %s could not be copied to %s (%s)", local, remote,
                         err.strerror or err)
-
-
-def write_atomically(path: AnyPath, text: str) -> None:
-    """Replaces `path` by `text` all at once; an OSError names `path` (a full disk)."""
-    if is_remote(path):  # an object appears whole once written
-        try:
-            path.write_text(text)
-        except OSError as err:
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def _exit_now(signum: int, frame: Any) -> None:
